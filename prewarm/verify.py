@@ -1,0 +1,128 @@
+"""Check a directory against its manifest: every chunk of every file, hashed in parallel."""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+
+from prewarm.errors import FilesystemError, ManifestError
+from prewarm.manifest import Manifest, default_threads, list_files, read_manifest, read_range, thread_buffer
+from prewarm.progress import NoProgress, Progress
+
+
+@dataclass(frozen=True)
+class Problem:
+    """``kind`` is missing, extra, size, corrupt or unreadable; offset/length locate corruption."""
+
+    file: str
+    kind: str
+    offset: int | None = None
+    length: int | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    directory: Path
+    problems: tuple[Problem, ...]
+    files: int
+    bytes_checked: int
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    file: str
+    fd: int
+    offset: int
+    length: int
+    expected: str
+
+
+def verify_directory(directory: Path, threads: int | None = None,
+                     progress: Progress | None = None) -> VerifyReport:
+    """Hash every byte ``directory``'s manifest covers, once, on ``threads`` threads."""
+    started = time.perf_counter()
+    if not directory.is_dir():
+        raise FilesystemError("not a directory", str(directory))
+    manifest = read_manifest(directory)
+    problems = [Problem(name, "extra") for name in list_files(directory) if name not in manifest.files]
+    fds: list[int] = []
+    try:
+        chunks = _plan_chunks(directory, manifest, problems, fds)
+        problems += _check_chunks(chunks, threads or default_threads(), progress or NoProgress())
+    finally:
+        for fd in fds:
+            os.close(fd)
+    order = {name: i for i, name in enumerate(sorted(set(manifest.files) | {p.file for p in problems}))}
+    problems.sort(key=lambda p: (order[p.file], p.offset or 0))
+    return VerifyReport(directory, tuple(problems), len(manifest.files), sum(c.length for c in chunks),
+                        time.perf_counter() - started)
+
+
+def _plan_chunks(directory: Path, manifest: Manifest, problems: list[Problem], fds: list[int]) -> list[_Chunk]:
+    chunks = []
+    for name, digest in sorted(manifest.files.items()):
+        expected_chunks = -(-digest.size // manifest.chunk_size)
+        if len(digest.chunks) != expected_chunks:
+            raise ManifestError(f"{name} has {len(digest.chunks)} chunk digests, {expected_chunks} expected",
+                                str(directory))
+        try:
+            fd = os.open(directory / name, os.O_RDONLY)
+        except FileNotFoundError:
+            problems.append(Problem(name, "missing"))
+            continue
+        except OSError as exc:
+            problems.append(Problem(name, "unreadable", detail=exc.strerror or str(exc)))
+            continue
+        fds.append(fd)
+        size = os.fstat(fd).st_size
+        if size != digest.size:
+            problems.append(Problem(name, "size", detail=f"{size} bytes, manifest says {digest.size}"))
+            continue
+        for i, expected in enumerate(digest.chunks):
+            offset = i * manifest.chunk_size
+            chunks.append(_Chunk(name, fd, offset, min(manifest.chunk_size, size - offset), expected))
+    return chunks
+
+
+def _check_chunks(chunks: list[_Chunk], threads: int, progress: Progress) -> list[Problem]:
+    progress.start("verifying", sum(c.length for c in chunks))
+
+    def check(chunk: _Chunk) -> Problem | None:
+        hasher = xxhash.xxh3_128()
+        got = read_range(chunk.fd, chunk.offset, chunk.length, thread_buffer(chunk.length), hasher.update)
+        progress.advance(chunk.length)
+        if got != chunk.length:
+            return Problem(chunk.file, "size", detail="file shrank while being verified")
+        if hasher.hexdigest() != chunk.expected:
+            return Problem(chunk.file, "corrupt", chunk.offset, chunk.length)
+        return None
+
+    with ThreadPoolExecutor(threads) as pool:
+        results = [p for p in pool.map(check, chunks) if p is not None]
+    progress.finish()
+    return _merge_adjacent(results)
+
+
+def _merge_adjacent(problems: list[Problem]) -> list[Problem]:
+    """One problem per run of consecutive bad chunks in a file, not one per chunk."""
+    merged: list[Problem] = []
+    for p in problems:
+        last = merged[-1] if merged else None
+        if (last and p.kind == last.kind == "corrupt" and p.file == last.file
+                and last.offset is not None and last.length is not None
+                and last.offset + last.length == p.offset):
+            merged[-1] = Problem(p.file, "corrupt", last.offset, last.length + (p.length or 0))
+        elif not (last and p.kind == last.kind == "size" and p.file == last.file):
+            merged.append(p)
+    return merged
