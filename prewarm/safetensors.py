@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prewarm.errors import FilesystemError, InvalidCheckpoint
+from prewarm.errors import InvalidCheckpoint
+from prewarm.fsutil import os_error
 
 # Bits per element, as the safetensors Rust crate defines them (F4/F6 pack below a byte).
 DTYPE_BITS: dict[str, int] = {
@@ -77,7 +78,7 @@ def read_safetensors_header(path: Path) -> SafetensorsFile:
                     "(not a safetensors file, or truncated)", str(path))
             raw = f.read(header_len)
     except OSError as exc:
-        raise FilesystemError(f"cannot read: {exc.strerror}", str(path)) from exc
+        raise os_error(exc, path) from exc
     header = _parse_header_json(raw, path)
     metadata = _parse_metadata(header.pop(METADATA_KEY, None), path)
     tensors = sorted((_parse_entry(name, entry, 8 + header_len, path) for name, entry in header.items()),
