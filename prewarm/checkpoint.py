@@ -14,8 +14,20 @@ INDEX_NAME = "model.safetensors.index.json"
 MANIFEST_NAME = "prewarm.manifest.json"
 # Weight formats that are not safetensors (pickles can run code when loaded; the rest are
 # other runtimes' copies of the same weights): never copied into a serving directory.
-OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".h5", ".msgpack",
-                         ".gguf", ".onnx", ".tflite", ".npz")
+OTHER_WEIGHT_SUFFIXES = (
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".pkl",
+    ".pickle",
+    ".h5",
+    ".msgpack",
+    ".gguf",
+    ".onnx",
+    ".tflite",
+    ".npz",
+)
 
 
 @dataclass(frozen=True)
@@ -44,8 +56,10 @@ def open_checkpoint(source: Path) -> Checkpoint:
     """Read every header of ``source`` (a directory or one .safetensors file) and cross-check them."""
     if not source.exists():
         raise FilesystemError("no such file or directory", str(source))
+    other: list[Path] = []
+    skipped: list[Path] = []
     if source.is_file():
-        files, other, skipped = [source], [], []
+        files = [source]
     elif source.is_dir():
         files, other, skipped = _scan_directory(source)
     else:
@@ -54,8 +68,14 @@ def open_checkpoint(source: Path) -> Checkpoint:
     tensors = _collect_tensors(headers)
     if source.is_dir() and (source / INDEX_NAME).exists():
         _check_index_matches(source / INDEX_NAME, tensors)
-    return Checkpoint(source, headers, tuple(sorted(tensors, key=lambda t: model_order_key(t.info.name))),
-                      _merge_metadata(headers), tuple(other), tuple(skipped))
+    return Checkpoint(
+        source,
+        headers,
+        tuple(sorted(tensors, key=lambda t: model_order_key(t.info.name))),
+        _merge_metadata(headers),
+        tuple(other),
+        tuple(skipped),
+    )
 
 
 def _scan_directory(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
@@ -68,9 +88,11 @@ def _scan_directory(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
     else:
         skipped = []
     if not shards:
-        raise InvalidCheckpoint("no .safetensors weight files found", str(root),
-                                hint="convert pickled weights to safetensors first")
-    other, pickles = [], []
+        raise InvalidCheckpoint(
+            "no .safetensors weight files found", str(root), hint="convert pickled weights to safetensors first"
+        )
+    other: list[Path] = []
+    pickles: list[Path] = []
     for p in entries:
         if p.suffix == ".safetensors" or p.name in (INDEX_NAME, MANIFEST_NAME) or p.name.endswith(".index.json"):
             continue
@@ -83,8 +105,7 @@ def _index_files(index_path: Path) -> set[str]:
     names = set(weight_map.values())
     for name in sorted(names):
         if "/" in name or name in ("", ".", ".."):
-            raise InvalidCheckpoint(f"weight_map names {name!r}, which is not a file beside the index",
-                                    str(index_path))
+            raise InvalidCheckpoint(f"weight_map names {name!r}, which is not a file beside the index", str(index_path))
         if not (index_path.parent / name).is_file():
             raise InvalidCheckpoint(f"weight_map names {name!r}, which is missing", str(index_path))
     return names
@@ -107,8 +128,9 @@ def _collect_tensors(headers: tuple[SafetensorsFile, ...]) -> list[SourceTensor]
     for header in headers:
         for info in header.tensors:
             if info.name in owner:
-                raise InvalidCheckpoint(f"tensor {info.name!r} is in both {owner[info.name].name} and "
-                                        f"{header.path.name}", str(header.path.parent))
+                raise InvalidCheckpoint(
+                    f"tensor {info.name!r} is in both {owner[info.name].name} and {header.path.name}", str(header.path.parent)
+                )
             owner[info.name] = header.path
             tensors.append(SourceTensor(info, header.path))
     return tensors
@@ -123,8 +145,10 @@ def _check_index_matches(index_path: Path, tensors: list[SourceTensor]) -> None:
             raise InvalidCheckpoint(f"index puts tensor {name!r} in {file}, but it {where}", str(index_path))
     unindexed = sorted(set(actual) - set(weight_map))
     if unindexed:
-        raise InvalidCheckpoint(f"tensor {unindexed[0]!r} in {actual[unindexed[0]]} is missing from the "
-                                f"index ({len(unindexed)} tensors in all)", str(index_path))
+        raise InvalidCheckpoint(
+            f"tensor {unindexed[0]!r} in {actual[unindexed[0]]} is missing from the index ({len(unindexed)} tensors in all)",
+            str(index_path),
+        )
 
 
 def _merge_metadata(headers: tuple[SafetensorsFile, ...]) -> dict[str, str] | None:
@@ -134,8 +158,9 @@ def _merge_metadata(headers: tuple[SafetensorsFile, ...]) -> dict[str, str] | No
     for header in headers:
         for key, value in (header.metadata or {}).items():
             if merged.setdefault(key, value) != value:
-                raise InvalidCheckpoint(f"shards disagree on __metadata__ {key!r}: {merged[key]!r} vs "
-                                        f"{value!r}", str(header.path))
+                raise InvalidCheckpoint(
+                    f"shards disagree on __metadata__ {key!r}: {merged[key]!r} vs {value!r}", str(header.path)
+                )
     return merged
 
 

@@ -28,9 +28,10 @@ class _Terminated(BaseException):
 
 
 class PlainProgress:
-    """One line on stderr every 10%: readable in journald and CI logs."""
+    """One line on stderr every 10% of work that lasts over a second: readable in journald and CI logs."""
 
-    def __init__(self) -> None:
+    def __init__(self, quiet_seconds: float = 1.0) -> None:
+        self.quiet_seconds = quiet_seconds
         self.lock = threading.Lock()
         self.label, self.total, self.done, self.next_mark, self.started = "", 0, 0, 0.1, 0.0
 
@@ -41,12 +42,15 @@ class PlainProgress:
     def advance(self, n: int) -> None:
         with self.lock:
             self.done += n
-            if self.total and self.done / self.total >= self.next_mark:
+            elapsed = time.perf_counter() - self.started
+            if self.total and self.done / self.total >= self.next_mark and elapsed >= self.quiet_seconds:
                 pct = int(self.done * 100 / self.total)
                 self.next_mark = (pct // 10 + 1) / 10
-                rate = self.done / max(time.perf_counter() - self.started, 1e-9)
-                click.echo(f"{self.label}: {pct}% ({format_size(self.done)} of {format_size(self.total)}, "
-                           f"{format_size(rate)}/s)", err=True)
+                rate = self.done / elapsed
+                click.echo(
+                    f"{self.label}: {pct}% ({format_size(self.done)} of {format_size(self.total)}, {format_size(rate)}/s)",
+                    err=True,
+                )
 
     def finish(self) -> None:
         pass
@@ -63,8 +67,16 @@ class BarProgress:
         from tqdm import tqdm
 
         self.finish()
-        self.bar = tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1000,
-                        file=sys.stderr, dynamic_ncols=True, leave=False)
+        self.bar = tqdm(
+            total=total,
+            desc=label,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1000,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            leave=False,
+        )
 
     def advance(self, n: int) -> None:
         with self.lock:
@@ -141,8 +153,9 @@ def main(ctx: click.Context, quiet: bool, debug: bool) -> None:
     """Prepare model weights for instant, hot LLM serving."""
     ctx.obj = Context(quiet=quiet, debug=debug)
     signal.signal(signal.SIGTERM, _sigterm)
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    )
 
 
 def _emit(as_json: bool, data: dict[str, Any], human: Callable[[], None]) -> None:
@@ -157,15 +170,20 @@ def _size_option(value: str) -> int:
 
 
 _json_flag = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
-_threads = click.option("--threads", type=click.IntRange(1, 256), default=None,
-                        help="Reader threads (default: one per CPU).")
+_threads = click.option("--threads", type=click.IntRange(1, 256), default=None, help="Reader threads (default: one per CPU).")
 
 
 @main.command()
 @click.argument("source", type=click.Path(path_type=Path))
 @click.argument("destination", type=click.Path(path_type=Path))
-@click.option("--max-shard-size", "max_size", default="5GB", show_default=True, metavar="SIZE",
-              help="Largest file to write, header included: 5GB, 4.5GiB, 500MB or bytes.")
+@click.option(
+    "--max-shard-size",
+    "max_size",
+    default="5GB",
+    show_default=True,
+    metavar="SIZE",
+    help="Largest file to write, header included: 5GB, 4.5GiB, 500MB or bytes.",
+)
 @_json_flag
 @click.pass_obj
 def reshard(obj: Context, source: Path, destination: Path, max_size: str, as_json: bool) -> None:
@@ -183,9 +201,11 @@ def reshard(obj: Context, source: Path, destination: Path, max_size: str, as_jso
 
     def human() -> None:
         t = result.timings
-        click.echo(f"Wrote {result.destination}: {len(result.shards)} shards, {format_size(result.bytes_written)}"
-                   f" in {t['total']:.1f} s (plan {t['plan']:.2f} s, copy {t['copy']:.1f} s, "
-                   f"sync {t['sync']:.1f} s)")
+        click.echo(
+            f"Wrote {result.destination}: {len(result.shards)} shards, {format_size(result.bytes_written)}"
+            f" in {t['total']:.1f} s (plan {t['plan']:.2f} s, copy {t['copy']:.1f} s, "
+            f"sync {t['sync']:.1f} s)"
+        )
         for name, size, tensors in result.shards:
             click.echo(f"  {name}  {format_size(size):>10}  {tensors} tensors")
         if result.copied_files:
@@ -211,8 +231,13 @@ def verify(obj: Context, directory: Path, threads: int | None, as_json: bool) ->
 
     report = verify_directory(directory, threads, obj.progress(as_json))
     problems = [{k: v for k, v in dataclasses.asdict(p).items() if v not in (None, "")} for p in report.problems]
-    data = {"ok": report.ok, "problems": problems, "files": report.files,
-            "bytes_checked": report.bytes_checked, "seconds": round(report.seconds, 3)}
+    data = {
+        "ok": report.ok,
+        "problems": problems,
+        "files": report.files,
+        "bytes_checked": report.bytes_checked,
+        "seconds": round(report.seconds, 3),
+    }
 
     def human() -> None:
         for p in report.problems:
@@ -221,8 +246,10 @@ def verify(obj: Context, directory: Path, threads: int | None, as_json: bool) ->
             click.echo(f"{p.kind:<10} {p.file}{where}{detail}")
         rate = report.bytes_checked / max(report.seconds, 1e-9)
         state = "OK" if report.ok else f"FAILED: {len(report.problems)} problems"
-        click.echo(f"{state}: {report.files} files, {format_size(report.bytes_checked)} checked in "
-                   f"{report.seconds:.2f} s ({format_size(rate)}/s)")
+        click.echo(
+            f"{state}: {report.files} files, {format_size(report.bytes_checked)} checked in "
+            f"{report.seconds:.2f} s ({format_size(rate)}/s)"
+        )
 
     _emit(as_json, data, human)
     if not report.ok:
@@ -245,7 +272,11 @@ def manifest(obj: Context, directory: Path, threads: int | None, as_json: bool) 
     result = build_manifest(directory, threads, obj.progress(as_json))
     path = write_manifest(directory, result)
     seconds = time.perf_counter() - started
-    data = {"manifest": str(path), "files": len(result.files), "bytes": result.total_bytes,
-            "seconds": round(seconds, 3)}
-    _emit(as_json, data, lambda: click.echo(
-        f"Wrote {path}: {len(result.files)} files, {format_size(result.total_bytes)} hashed in {seconds:.2f} s"))
+    data = {"manifest": str(path), "files": len(result.files), "bytes": result.total_bytes, "seconds": round(seconds, 3)}
+    _emit(
+        as_json,
+        data,
+        lambda: click.echo(
+            f"Wrote {path}: {len(result.files)} files, {format_size(result.total_bytes)} hashed in {seconds:.2f} s"
+        ),
+    )

@@ -47,9 +47,13 @@ def check_free_space(directory: Path, needed: int) -> None:
     stat = os.statvfs(directory)
     available = stat.f_bavail * stat.f_frsize
     if available < needed:
-        raise NotEnoughSpace(f"needs {format_size(needed)} but only {format_size(available)} is free",
-                             str(directory), hint="free some space or choose another filesystem",
-                             needed=needed, available=available)
+        raise NotEnoughSpace(
+            f"needs {format_size(needed)} but only {format_size(available)} is free",
+            str(directory),
+            hint="free some space or choose another filesystem",
+            needed=needed,
+            available=available,
+        )
 
 
 def _temp_pattern(final: Path) -> re.Pattern[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -80,11 +79,19 @@ class Manifest:
 
     def to_json(self) -> bytes:
         """Pretty JSON with one line per file, so a diff of two manifests reads file by file."""
-        head = {"format": FORMAT, "version": VERSION, "hash": HASH, "chunk_size": self.chunk_size,
-                "source": dict(self.source), "options": dict(self.options)}
+        head = {
+            "format": FORMAT,
+            "version": VERSION,
+            "hash": HASH,
+            "chunk_size": self.chunk_size,
+            "source": dict(self.source),
+            "options": dict(self.options),
+        }
         lines = [f" {json.dumps(k)}: {json.dumps(v, sort_keys=True)}," for k, v in head.items()]
-        entries = [f"  {json.dumps(name)}: " + json.dumps({"size": d.size, HASH: d.xxh3_128, "chunks": list(d.chunks)})
-                   for name, d in sorted(self.files.items())]
+        entries = [
+            f"  {json.dumps(name)}: " + json.dumps({"size": d.size, HASH: d.xxh3_128, "chunks": list(d.chunks)})
+            for name, d in sorted(self.files.items())
+        ]
         return ("{\n" + "\n".join(lines) + '\n "files": {\n' + ",\n".join(entries) + "\n }\n}\n").encode()
 
     @property
@@ -97,18 +104,19 @@ def read_manifest(directory: Path) -> Manifest:
     try:
         doc = json.loads(path.read_bytes())
     except FileNotFoundError:
-        raise ManifestError("no prewarm.manifest.json here", str(directory),
-                            hint=f"run `prewarm manifest {directory}` to create one") from None
+        raise ManifestError(
+            "no prewarm.manifest.json here", str(directory), hint=f"run `prewarm manifest {directory}` to create one"
+        ) from None
     except OSError as exc:
         raise os_error(exc, path) from exc
     except ValueError as exc:
         raise ManifestError(f"not valid JSON: {exc}", str(path)) from None
     try:
         if doc["format"] != FORMAT or doc["version"] != VERSION or doc["hash"] != HASH:
-            raise ManifestError(f"unsupported manifest {doc['format']!r} version {doc['version']!r} "
-                                f"hash {doc['hash']!r}", str(path))
-        files = {name: FileDigest(int(e["size"]), str(e[HASH]), tuple(e["chunks"]))
-                 for name, e in doc["files"].items()}
+            raise ManifestError(
+                f"unsupported manifest {doc['format']!r} version {doc['version']!r} hash {doc['hash']!r}", str(path)
+            )
+        files = {name: FileDigest(int(e["size"]), str(e[HASH]), tuple(e["chunks"])) for name, e in doc["files"].items()}
         return Manifest(files, int(doc["chunk_size"]), doc.get("source", {}), doc.get("options", {}))
     except (KeyError, TypeError, AttributeError) as exc:
         raise ManifestError(f"malformed manifest ({exc!r} missing or wrong)", str(path)) from None
@@ -134,8 +142,7 @@ def list_files(directory: Path) -> list[str]:
     return sorted(name for name in found if name != MANIFEST_NAME)
 
 
-def read_range(fd: int, offset: int, length: int, buffer: memoryview,
-               consume: Callable[[memoryview], None]) -> int:
+def read_range(fd: int, offset: int, length: int, buffer: memoryview, consume: Callable[[memoryview], None]) -> int:
     """pread ``length`` bytes from ``offset`` through ``buffer``; return how many there were."""
     done = 0
     while done < length:
@@ -180,21 +187,27 @@ def digest_file(path: Path, chunk_size: int = CHUNK_SIZE, progress: Progress | N
     return digester.finish()
 
 
-def digest_files(directory: Path, names: Iterable[str], threads: int | None = None,
-                 progress: Progress | None = None, chunk_size: int = CHUNK_SIZE) -> dict[str, FileDigest]:
+def digest_files(
+    directory: Path,
+    names: Iterable[str],
+    threads: int | None = None,
+    progress: Progress | None = None,
+    chunk_size: int = CHUNK_SIZE,
+) -> dict[str, FileDigest]:
     """Digest files in parallel, largest first, each read once front to back."""
     progress = progress or NoProgress()
     sizes = {name: (directory / name).stat().st_size for name in names}
     progress.start("hashing", sum(sizes.values()))
     order = sorted(sizes, key=lambda n: -sizes[n])
     with ThreadPoolExecutor(threads or default_threads()) as pool:
-        digests = dict(zip(order, pool.map(lambda n: digest_file(directory / n, chunk_size, progress), order)))
+        digests = dict(zip(order, pool.map(lambda n: digest_file(directory / n, chunk_size, progress), order), strict=True))
     progress.finish()
     return {name: digests[name] for name in sorted(digests)}
 
 
-def build_manifest(directory: Path, threads: int | None = None, progress: Progress | None = None,
-                   source: Mapping[str, Any] | None = None) -> Manifest:
+def build_manifest(
+    directory: Path, threads: int | None = None, progress: Progress | None = None, source: Mapping[str, Any] | None = None
+) -> Manifest:
     """A manifest of ``directory`` as it is now (for a directory prewarm did not write)."""
     if not directory.is_dir():
         raise FilesystemError("not a directory", str(directory))

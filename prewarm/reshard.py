@@ -53,8 +53,9 @@ def shard_name(index: int, count: int) -> str:
     return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
 
 
-def plan_shards(tensors: Sequence[SourceTensor], metadata: dict[str, str] | None,
-                max_shard_size: int) -> tuple[PlannedShard, ...]:
+def plan_shards(
+    tensors: Sequence[SourceTensor], metadata: dict[str, str] | None, max_shard_size: int
+) -> tuple[PlannedShard, ...]:
     """Split ``tensors`` (in order) greedily into shards whose files, header included, fit."""
     base = [metadata_entry(metadata)] if metadata is not None else []
     shards: list[PlannedShard] = []
@@ -64,8 +65,11 @@ def plan_shards(tensors: Sequence[SourceTensor], metadata: dict[str, str] | None
     cursor = 0
     for tensor in tensors:
         entry = _entry(tensor, cursor)
-        if current and 8 + padded_header_length([member_bytes, len(entry)], len(members) + 1) + cursor \
-                + tensor.info.nbytes > max_shard_size:
+        if (
+            current
+            and 8 + padded_header_length([member_bytes, len(entry)], len(members) + 1) + cursor + tensor.info.nbytes
+            > max_shard_size
+        ):
             shards.append(PlannedShard(tuple(current), encode_header(members)))
             current, members, member_bytes, cursor = [], list(base), sum(map(len, base)), 0
             entry = _entry(tensor, 0)
@@ -92,21 +96,28 @@ def _too_large(tensor: SourceTensor, needed: int, limit: int) -> InvalidCheckpoi
     info = tensor.info
     return InvalidCheckpoint(
         f"tensor {info.name!r} ({info.dtype} {list(info.shape)}, {format_size(info.nbytes)}) does not fit "
-        f"in a shard of {format_size(limit)}", str(tensor.file),
-        hint=f"use --max-shard-size {suggestion} or more")
+        f"in a shard of {format_size(limit)}",
+        str(tensor.file),
+        hint=f"use --max-shard-size {suggestion} or more",
+    )
 
 
 def encode_index(shards: Sequence[PlannedShard]) -> bytes:
     """``model.safetensors.index.json`` as transformers writes it (sorted keys, indent 2)."""
     names = [shard_name(i, len(shards)) for i in range(len(shards))]
-    weight_map = {t.info.name: name for name, shard in zip(names, shards) for t in shard.tensors}
+    weight_map = {t.info.name: name for name, shard in zip(names, shards, strict=True) for t in shard.tensors}
     total = sum(t.info.nbytes for shard in shards for t in shard.tensors)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     return (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
 
 
-def reshard(source: Path, destination: Path, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-            progress: Progress | None = None, source_info: dict[str, object] | None = None) -> ReshardResult:
+def reshard(
+    source: Path,
+    destination: Path,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    progress: Progress | None = None,
+    source_info: dict[str, object] | None = None,
+) -> ReshardResult:
     """Write ``destination`` (which must not exist) from the checkpoint at ``source``."""
     progress = progress or NoProgress()
     started = time.perf_counter()
@@ -133,9 +144,15 @@ def reshard(source: Path, destination: Path, max_shard_size: int = DEFAULT_MAX_S
         write_manifest(temp, Manifest(digests, CHUNK_SIZE, source_info or _source_info(checkpoint), options))
     timings["total"] = time.perf_counter() - started
     shards = tuple((shard_name(i, len(plan)), s.size, len(s.tensors)) for i, s in enumerate(plan))
-    return ReshardResult(destination, shards, tuple(sorted(others)),
-                         tuple(p.name for p in checkpoint.skipped_files), checkpoint.tensor_bytes,
-                         total + len(index), timings)
+    return ReshardResult(
+        destination,
+        shards,
+        tuple(sorted(others)),
+        tuple(p.name for p in checkpoint.skipped_files),
+        checkpoint.tensor_bytes,
+        total + len(index),
+        timings,
+    )
 
 
 def _source_info(checkpoint: Checkpoint) -> dict[str, object]:
@@ -207,7 +224,7 @@ class _Writer:
 
 def _write_all(fd: int, view: memoryview) -> None:
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def _sync_and_close(fd: int, path: Path, digester: Digester) -> FileDigest:

@@ -21,12 +21,28 @@ from prewarm.fsutil import os_error
 
 # Bits per element, as the safetensors Rust crate defines them (F4/F6 pack below a byte).
 DTYPE_BITS: dict[str, int] = {
-    "BOOL": 8, "U8": 8, "I8": 8,
-    "F8_E5M2": 8, "F8_E4M3": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "F8_E8M0": 8,
-    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
-    "I32": 32, "U32": 32, "F32": 32,
-    "I64": 64, "U64": 64, "F64": 64, "C64": 64,
-    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+    "BOOL": 8,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "F8_E8M0": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "I64": 64,
+    "U64": 64,
+    "F64": 64,
+    "C64": 64,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
 }
 MAX_HEADER_BYTES = 100_000_000  # the reference implementation refuses larger headers
 METADATA_KEY = "__metadata__"
@@ -74,15 +90,17 @@ def read_safetensors_header(path: Path) -> SafetensorsFile:
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
                 raise InvalidCheckpoint(
-                    f"invalid header length {header_len} for a file of {size} bytes "
-                    "(not a safetensors file, or truncated)", str(path))
+                    f"invalid header length {header_len} for a file of {size} bytes (not a safetensors file, or truncated)",
+                    str(path),
+                )
             raw = f.read(header_len)
     except OSError as exc:
         raise os_error(exc, path) from exc
     header = _parse_header_json(raw, path)
     metadata = _parse_metadata(header.pop(METADATA_KEY, None), path)
-    tensors = sorted((_parse_entry(name, entry, 8 + header_len, path) for name, entry in header.items()),
-                     key=lambda t: (t.begin, t.end))
+    tensors = sorted(
+        (_parse_entry(name, entry, 8 + header_len, path) for name, entry in header.items()), key=lambda t: (t.begin, t.end)
+    )
     _check_contiguous(tensors, 8 + header_len, size, path)
     return SafetensorsFile(path, size, 8 + header_len, metadata, tuple(tensors))
 
@@ -137,13 +155,11 @@ def _parse_entry(name: str, entry: Any, data_start: int, path: Path) -> TensorIn
         raise bad(f"unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
         raise bad(f"shape {shape!r} is not a list of non-negative integers")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
-            and offsets[0] <= offsets[1]):
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets) and offsets[0] <= offsets[1]):
         raise bad(f"data_offsets {offsets!r} is not [begin, end] with begin <= end")
     expected = tensor_nbytes(dtype, shape)
     if expected != offsets[1] - offsets[0]:
-        raise bad(f"{dtype} {shape} needs {expected} bytes but data_offsets {offsets} span "
-                  f"{offsets[1] - offsets[0]}")
+        raise bad(f"{dtype} {shape} needs {expected} bytes but data_offsets {offsets} span {offsets[1] - offsets[0]}")
     return TensorInfo(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
 
 
@@ -151,8 +167,7 @@ def _check_contiguous(tensors: Sequence[TensorInfo], data_start: int, size: int,
     cursor, previous = data_start, "the header"
     for t in tensors:
         if t.begin > cursor:
-            raise InvalidCheckpoint(f"hole of {t.begin - cursor} bytes between {previous} and tensor "
-                                    f"{t.name!r}", str(path))
+            raise InvalidCheckpoint(f"hole of {t.begin - cursor} bytes between {previous} and tensor {t.name!r}", str(path))
         if t.begin < cursor:
             raise InvalidCheckpoint(f"tensor {t.name!r} overlaps {previous}", str(path))
         cursor, previous = t.end, f"tensor {t.name!r}"

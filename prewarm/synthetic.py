@@ -25,13 +25,21 @@ def qwen25_7b_config(scale: float = 1.0) -> dict[str, object]:
     """A Qwen2 config.json with 7B's shapes; ``scale`` < 1 shrinks layers, vocab and MLP width."""
     q = QWEN25_7B
     return {
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "torch_dtype": "bfloat16",
-        "hidden_size": q["hidden"], "num_attention_heads": q["heads"], "num_key_value_heads": q["kv_heads"],
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "torch_dtype": "bfloat16",
+        "hidden_size": q["hidden"],
+        "num_attention_heads": q["heads"],
+        "num_key_value_heads": q["kv_heads"],
         "num_hidden_layers": max(1, round(q["layers"] * scale)),
         "intermediate_size": max(128, round(q["intermediate"] * scale / 128) * 128),
         "vocab_size": max(1024, round(q["vocab"] * scale / 128) * 128),
-        "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-        "tie_word_embeddings": False, "hidden_act": "silu", "use_sliding_window": False,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "use_sliding_window": False,
     }
 
 
@@ -44,12 +52,16 @@ def qwen25_7b_tensors(config: dict[str, object]) -> list[tuple[str, list[int]]]:
         p = f"model.layers.{i}."
         tensors += [
             (p + "input_layernorm.weight", [hidden]),
-            (p + "self_attn.q_proj.weight", [hidden, hidden]), (p + "self_attn.q_proj.bias", [hidden]),
-            (p + "self_attn.k_proj.weight", [kv, hidden]), (p + "self_attn.k_proj.bias", [kv]),
-            (p + "self_attn.v_proj.weight", [kv, hidden]), (p + "self_attn.v_proj.bias", [kv]),
+            (p + "self_attn.q_proj.weight", [hidden, hidden]),
+            (p + "self_attn.q_proj.bias", [hidden]),
+            (p + "self_attn.k_proj.weight", [kv, hidden]),
+            (p + "self_attn.k_proj.bias", [kv]),
+            (p + "self_attn.v_proj.weight", [kv, hidden]),
+            (p + "self_attn.v_proj.bias", [kv]),
             (p + "self_attn.o_proj.weight", [hidden, hidden]),
             (p + "post_attention_layernorm.weight", [hidden]),
-            (p + "mlp.gate_proj.weight", [inter, hidden]), (p + "mlp.up_proj.weight", [inter, hidden]),
+            (p + "mlp.gate_proj.weight", [inter, hidden]),
+            (p + "mlp.up_proj.weight", [inter, hidden]),
             (p + "mlp.down_proj.weight", [hidden, inter]),
         ]
     tensors += [("model.norm.weight", [hidden]), ("lm_head.weight", [vocab, hidden])]
@@ -108,22 +120,35 @@ def build_tiny_qwen2(directory: Path, max_shard_size: str = "1MB", seed: int = 0
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    config = Qwen2Config(hidden_size=256, num_attention_heads=2, num_key_value_heads=1, intermediate_size=512,
-                         num_hidden_layers=2, vocab_size=1024, max_position_embeddings=512,
-                         tie_word_embeddings=False, torch_dtype="bfloat16")
-    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    config = Qwen2Config(
+        hidden_size=256,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        vocab_size=1024,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    )
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)  # type: ignore[arg-type]
     model.save_pretrained(directory, max_shard_size=max_shard_size)
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1024 - len(specials), special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    corpus = ["The quick brown fox jumps over the lazy dog.", "prewarm keeps the model hot.",
-              "Hello, world! How are you today?"] * 50
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024 - len(specials), special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    corpus = [
+        "The quick brown fox jumps over the lazy dog.",
+        "prewarm keeps the model hot.",
+        "Hello, world! How are you today?",
+    ] * 50
     tokenizer.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   bos_token=None, unk_token=None)
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None, unk_token=None
+    )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(directory)
     return directory

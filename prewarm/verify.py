@@ -48,8 +48,7 @@ class _Chunk:
     expected: str
 
 
-def verify_directory(directory: Path, threads: int | None = None,
-                     progress: Progress | None = None) -> VerifyReport:
+def verify_directory(directory: Path, threads: int | None = None, progress: Progress | None = None) -> VerifyReport:
     """Hash every byte ``directory``'s manifest covers, once, on ``threads`` threads."""
     started = time.perf_counter()
     if not directory.is_dir():
@@ -65,8 +64,9 @@ def verify_directory(directory: Path, threads: int | None = None,
             os.close(fd)
     order = {name: i for i, name in enumerate(sorted(set(manifest.files) | {p.file for p in problems}))}
     problems.sort(key=lambda p: (order[p.file], p.offset or 0))
-    return VerifyReport(directory, tuple(problems), len(manifest.files), sum(c.length for c in chunks),
-                        time.perf_counter() - started)
+    return VerifyReport(
+        directory, tuple(problems), len(manifest.files), sum(c.length for c in chunks), time.perf_counter() - started
+    )
 
 
 def _plan_chunks(directory: Path, manifest: Manifest, problems: list[Problem], fds: list[int]) -> list[_Chunk]:
@@ -74,8 +74,7 @@ def _plan_chunks(directory: Path, manifest: Manifest, problems: list[Problem], f
     for name, digest in sorted(manifest.files.items()):
         expected_chunks = -(-digest.size // manifest.chunk_size)
         if len(digest.chunks) != expected_chunks:
-            raise ManifestError(f"{name} has {len(digest.chunks)} chunk digests, {expected_chunks} expected",
-                                str(directory))
+            raise ManifestError(f"{name} has {len(digest.chunks)} chunk digests, {expected_chunks} expected", str(directory))
         try:
             fd = os.open(directory / name, os.O_RDONLY)
         except FileNotFoundError:
@@ -119,9 +118,14 @@ def _merge_adjacent(problems: list[Problem]) -> list[Problem]:
     merged: list[Problem] = []
     for p in problems:
         last = merged[-1] if merged else None
-        if (last and p.kind == last.kind == "corrupt" and p.file == last.file
-                and last.offset is not None and last.length is not None
-                and last.offset + last.length == p.offset):
+        if (
+            last
+            and p.kind == last.kind == "corrupt"
+            and p.file == last.file
+            and last.offset is not None
+            and last.length is not None
+            and last.offset + last.length == p.offset
+        ):
             merged[-1] = Problem(p.file, "corrupt", last.offset, last.length + (p.length or 0))
         elif not (last and p.kind == last.kind == "size" and p.file == last.file):
             merged.append(p)

@@ -17,8 +17,9 @@ def run_prewarm(*args: str | Path, check: bool = False, timeout: float = 300, **
     """The real `prewarm` CLI in a subprocess, as a user would run it."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("PREWARM_DEBUG", None)
-    proc = subprocess.run([sys.executable, "-m", "prewarm", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env, **kwargs)
+    proc = subprocess.run(
+        [sys.executable, "-m", "prewarm", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env, **kwargs
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"prewarm {args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc

@@ -19,9 +19,14 @@ from tests.helpers import ROOT, assert_clean_failure, listing, run_prewarm
 
 def _start_reshard(src: Path, dst: Path) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "prewarm", "-q", "reshard", str(src), str(dst),
-                             "--max-shard-size", "60MB"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "prewarm", "-q", "reshard", str(src), str(dst), "--max-shard-size", "60MB"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
 
 
 def _wait_for_temp(parent: Path, proc: subprocess.Popen[str], deadline: float = 30) -> None:
@@ -97,9 +102,13 @@ def test_disk_full_mid_write_cleans_up(tiny_model: Path, small_tmpfs) -> None:  
 
 
 def _as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
-                           "prewarm", *args], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    return subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "prewarm", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
 
 
 @pytest.fixture

@@ -35,7 +35,9 @@ def test_reads_a_golden_file(tmp_path: Path) -> None:
     path.write_bytes(struct.pack("<Q", len(body)) + body + b"\x00\x3c\x00\x40\x07")
     parsed = read_safetensors_header(path)
     assert [(t.name, t.dtype, t.shape, t.begin, t.end) for t in parsed.tensors] == [
-        ("a", "F16", (2,), 8 + len(body), 12 + len(body)), ("b", "U8", (), 12 + len(body), 13 + len(body))]
+        ("a", "F16", (2,), 8 + len(body), 12 + len(body)),
+        ("b", "U8", (), 12 + len(body), 13 + len(body)),
+    ]
     assert parsed.metadata is None
 
 
@@ -55,8 +57,11 @@ _dtypes = st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.i
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.dictionaries(st.text(min_size=1, max_size=12), st.tuples(_dtypes, st.lists(st.integers(0, 5), max_size=3)),
-                       min_size=1, max_size=6))
+@given(
+    st.dictionaries(
+        st.text(min_size=1, max_size=12), st.tuples(_dtypes, st.lists(st.integers(0, 5), max_size=3)), min_size=1, max_size=6
+    )
+)
 def test_parses_whatever_the_library_writes(tmp_path_factory: pytest.TempPathFactory, spec: dict) -> None:
     path = tmp_path_factory.mktemp("p") / "x.safetensors"
     tensors = {name: torch.zeros(shape, dtype=dtype) for name, (dtype, shape) in spec.items()}
@@ -73,21 +78,24 @@ def _entry(dtype: str = "U8", shape: list[int] | None = None, offsets: list[int]
     return {"dtype": dtype, "shape": shape if shape is not None else [4], "data_offsets": offsets or [0, 4]}
 
 
-@pytest.mark.parametrize(("header", "data", "message"), [
-    ({"a": _entry(dtype="Q7")}, b"1234", "unknown dtype 'Q7'"),
-    ({"a": _entry(shape=[5])}, b"1234", "needs 5 bytes"),
-    ({"a": _entry(), "b": _entry(offsets=[2, 6], shape=[4])}, b"123456", "overlaps"),
-    ({"a": _entry(), "b": _entry(offsets=[6, 10])}, b"1234567890", "hole of 2 bytes"),
-    ({"a": _entry(offsets=[2, 6])}, b"123456", "hole of 2 bytes"),
-    ({"a": _entry()}, b"12", "truncated"),
-    ({"a": _entry()}, b"123456", "2 unexplained bytes"),
-    ({"a": {**_entry(), "extra": 1}}, b"1234", "fields must be exactly"),
-    ({"a": _entry(shape=[-4])}, b"1234", "not a list of non-negative integers"),
-    ({"a": _entry(shape=[True, 4])}, b"1234", "not a list of non-negative integers"),
-    ({"a": _entry(offsets=[4, 0])}, b"1234", "begin <= end"),
-    ({"__metadata__": {"k": 1}, "a": _entry()}, b"1234", "__metadata__ must map strings"),
-    ({"a": "nope"}, b"", "not a JSON object"),
-])
+@pytest.mark.parametrize(
+    ("header", "data", "message"),
+    [
+        ({"a": _entry(dtype="Q7")}, b"1234", "unknown dtype 'Q7'"),
+        ({"a": _entry(shape=[5])}, b"1234", "needs 5 bytes"),
+        ({"a": _entry(), "b": _entry(offsets=[2, 6], shape=[4])}, b"123456", "overlaps"),
+        ({"a": _entry(), "b": _entry(offsets=[6, 10])}, b"1234567890", "hole of 2 bytes"),
+        ({"a": _entry(offsets=[2, 6])}, b"123456", "hole of 2 bytes"),
+        ({"a": _entry()}, b"12", "truncated"),
+        ({"a": _entry()}, b"123456", "2 unexplained bytes"),
+        ({"a": {**_entry(), "extra": 1}}, b"1234", "fields must be exactly"),
+        ({"a": _entry(shape=[-4])}, b"1234", "not a list of non-negative integers"),
+        ({"a": _entry(shape=[True, 4])}, b"1234", "not a list of non-negative integers"),
+        ({"a": _entry(offsets=[4, 0])}, b"1234", "begin <= end"),
+        ({"__metadata__": {"k": 1}, "a": _entry()}, b"1234", "__metadata__ must map strings"),
+        ({"a": "nope"}, b"", "not a JSON object"),
+    ],
+)
 def test_rejects_broken_headers(tmp_path: Path, header: dict, data: bytes, message: str) -> None:
     path = write_raw_safetensors(tmp_path / "bad.safetensors", header, data)
     with pytest.raises(InvalidCheckpoint) as info:
@@ -96,15 +104,21 @@ def test_rejects_broken_headers(tmp_path: Path, header: dict, data: bytes, messa
     assert str(path) in str(info.value)
 
 
-@pytest.mark.parametrize(("raw", "header_len", "message"), [
-    (b'{"a":1', None, "not valid JSON"),
-    (b"\xff\xfe", None, "not valid JSON"),
-    (b"[1, 2]", None, "not a JSON object"),
-    (b'{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}',
-     None, "names tensor 'a' twice"),
-    (b"{}", 10**9, "invalid header length"),
-    (b"{}", 200_000_000, "invalid header length"),
-])
+@pytest.mark.parametrize(
+    ("raw", "header_len", "message"),
+    [
+        (b'{"a":1', None, "not valid JSON"),
+        (b"\xff\xfe", None, "not valid JSON"),
+        (b"[1, 2]", None, "not a JSON object"),
+        (
+            b'{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}',
+            None,
+            "names tensor 'a' twice",
+        ),
+        (b"{}", 10**9, "invalid header length"),
+        (b"{}", 200_000_000, "invalid header length"),
+    ],
+)
 def test_rejects_unparseable_headers(tmp_path: Path, raw: bytes, header_len: int | None, message: str) -> None:
     path = write_raw_safetensors(tmp_path / "bad.safetensors", raw, b"\x00", header_len)
     with pytest.raises(InvalidCheckpoint) as info:

@@ -8,10 +8,19 @@ from prewarm.errors import UsageError
 from prewarm.units import format_size, parse_size
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("5GB", 5 * 10**9), ("4.5GiB", int(4.5 * 2**30)), ("500MB", 500 * 10**6), ("123", 123),
-    ("1kib", 1024), ("2 TB", 2 * 10**12), ("7B", 7), (" 10MiB ", 10 * 2**20),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("5GB", 5 * 10**9),
+        ("4.5GiB", int(4.5 * 2**30)),
+        ("500MB", 500 * 10**6),
+        ("123", 123),
+        ("1kib", 1024),
+        ("2 TB", 2 * 10**12),
+        ("7B", 7),
+        (" 10MiB ", 10 * 2**20),
+    ],
+)
 def test_parse_size_accepts_what_people_write(text: str, expected: int) -> None:
     assert parse_size(text) == expected
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -143,9 +144,9 @@ def test_manifest_is_rewritten_atomically_and_ignores_itself(tmp_path: Path) -> 
 def test_digester_matches_xxh3_of_the_pieces(data: bytes, cuts: list[int], chunk: int) -> None:
     digester = Digester(chunk)
     points = sorted({0, len(data), *(c for c in cuts if c <= len(data))})
-    for a, b in zip(points, points[1:]):
+    for a, b in itertools.pairwise(points):
         digester.update(data[a:b])
     digest = digester.finish()
     assert digest.size == len(data)
     assert digest.xxh3_128 == xxhash.xxh3_128(data).hexdigest()
-    assert digest.chunks == tuple(xxhash.xxh3_128(data[i:i + chunk]).hexdigest() for i in range(0, len(data), chunk))
+    assert digest.chunks == tuple(xxhash.xxh3_128(data[i : i + chunk]).hexdigest() for i in range(0, len(data), chunk))

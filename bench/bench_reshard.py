@@ -1,0 +1,649 @@
+#!/usr/bin/env python3
+"""Benchmark ``prewarm reshard`` and ``prewarm verify`` against the alternatives (issue 2).
+
+On a synthetic checkpoint with Qwen2.5-7B's tensor names, shapes and dtype (random bytes,
+~15.2 GB in 4 shards at ``--scale 1``), in one run on one machine, this measures wall time and
+peak RSS of:
+
+1. ``prewarm reshard SRC DST`` (default 5GB limit), as a subprocess;
+2. ``cp -r SRC DST`` followed by ``sync`` of the copied files (the copy floor);
+3. transformers ``from_pretrained`` + ``save_pretrained(max_shard_size="5GB")``, as a subprocess;
+4. ``prewarm verify`` on the warm output, and ``sha256sum`` / ``b3sum`` over the same files.
+
+How things are measured:
+
+- wall time: ``time.perf_counter()`` around each child, from ``Popen`` to its reaping;
+- peak RSS: ``os.wait4(pid)`` on the child. Linux returns the child's own rusage merged with
+  that of every descendant it waited for, and ``ru_maxrss`` is merged as a *max* (not a sum).
+  So for ``bash -c "cp -r ... && sync ..."`` it is the largest of bash, cp and sync. It counts
+  resident file-backed pages a process maps (e.g. safetensors' mmap in transformers) but not
+  the page cache a process fills through read()/write(). MB here are 10**6 bytes.
+- ``sync`` runs (untimed) before every timed run; before each of steps 1-3 the source is read
+  once (untimed) so every contender starts with it as cached as memory allows;
+- before step 4 the source is dropped from the page cache (posix_fadvise DONTNEED; the files
+  stay) and the output is read once by an untimed ``prewarm verify``, so the timed runs hash a
+  warm page cache; residency is checked with ``fincore`` when it is installed.
+
+With ``--repeat N`` each step runs N times; the table shows the *median* wall time and the
+*largest* peak RSS of the N runs (all runs are in ``--json``). A missed target is a result,
+not an error: the exit code is 0 unless the benchmark itself could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # the venv's bin when run as .venv/bin/python (not resolved)
+MB = 10**6
+HAVE_GNU_TIME = os.access("/usr/bin/time", os.X_OK)
+GB = 10**9
+
+# Targets from the issue.
+RESHARD_VS_CP_MAX = 1.25
+RESHARD_VS_TRANSFORMERS_MIN = 3.0
+RESHARD_RSS_MAX_MB = 300.0
+VERIFY_MIN_GBPS = 3.0
+
+TRANSFORMERS_SNIPPET = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+from transformers import AutoModelForCausalLM
+t1 = time.perf_counter()
+
+def mem():
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                fields[key + "_kib"] = int(value.split()[0])
+    return fields
+
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], torch_dtype=torch.bfloat16)
+t2 = time.perf_counter()
+after_load = mem()
+model.save_pretrained(sys.argv[2], max_shard_size="5GB")
+t3 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "save_s": t3 - t2,
+                  "after_load": after_load, "after_save": mem()}))
+"""
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running and measuring children
+
+
+@dataclass
+class Run:
+    cmd: str
+    wall_s: float
+    maxrss_kib: int
+    returncode: int
+    timed_out: bool = False
+    stdout: str = ""
+    stderr_tail: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out
+
+    def failure(self) -> str:
+        if self.timed_out:
+            return f"timed out after {self.wall_s:.0f} s (killed)"
+        if self.returncode < 0:
+            name = signal.Signals(-self.returncode).name
+            hint = " - likely the OOM killer" if self.returncode == -signal.SIGKILL else ""
+            return f"killed by {name}{hint} after {self.wall_s:.0f} s"
+        return f"exit code {self.returncode}: {self.stderr_tail.strip()[-300:]}"
+
+
+GNU_TIME = "/usr/bin/time"
+
+
+def measure(cmd: Sequence[str], timeout: float | None = None, env: dict[str, str] | None = None) -> Run:
+    """Run ``cmd``; wall time around it and its peak RSS (see the module docstring).
+
+    The child runs under GNU time, which forks it from a ~2 MB process and reports its
+    ru_maxrss from wait4. wait4 on our own child is kept only as a cross-check (``wait4_kib``):
+    Linux folds the hiwater RSS of the address space a child replaces at exec into its
+    ru_maxrss, and with vfork (which CPython uses) that is *this* process's peak, so a direct
+    wait4 reads at least as high as the benchmark's own peak RSS.
+    """
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile(prefix="bench-rss-") as rss_file:
+        wrapped = [GNU_TIME, "-f", "%M", "-o", rss_file.name, *cmd] if HAVE_GNU_TIME else list(cmd)
+        started = time.perf_counter()
+        proc = subprocess.Popen(wrapped, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                start_new_session=True, env=env)
+        expired = threading.Event()
+
+        def kill() -> None:
+            expired.set()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # our child's own process group
+
+        timer = threading.Timer(timeout, kill) if timeout else None
+        if timer:
+            timer.daemon = True
+            timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:
+            kill()
+            os.wait4(proc.pid, 0)
+            proc.returncode = -signal.SIGKILL
+            raise
+        finally:
+            if timer:
+                timer.cancel()
+        wall = time.perf_counter() - started
+        proc.returncode = returncode = os.waitstatus_to_exitcode(status)
+        maxrss = usage.ru_maxrss
+        if HAVE_GNU_TIME:
+            lines = Path(rss_file.name).read_text().strip().splitlines()
+            with contextlib.suppress(ValueError, IndexError):
+                maxrss = int(lines[-1])
+            for line in lines:  # "Command terminated by signal 9" / "... non-zero status 3"
+                if line.startswith("Command terminated by signal"):
+                    returncode = -int(line.split()[-1])
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode(errors="replace")
+        stderr = err.read().decode(errors="replace")
+    run = Run(shlex.join(cmd), wall, maxrss, returncode, expired.is_set(), stdout, stderr[-2000:])
+    run.extra["wait4_kib"] = usage.ru_maxrss
+    return run
+
+
+def run_quiet(cmd: Sequence[str]) -> None:
+    subprocess.run(list(cmd), check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+
+
+def sync() -> None:
+    run_quiet(["sync"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Files and the page cache
+
+
+def dir_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.is_file())
+
+
+def dir_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in dir_files(directory))
+
+
+def read_through(files: Sequence[Path]) -> None:
+    buffer = bytearray(16 * 2**20)
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buffer):
+                pass
+
+
+def drop_from_cache(files: Sequence[Path]) -> None:
+    """Evict clean cached pages of ``files`` (no root needed; the files are untouched)."""
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def cached_fraction(files: Sequence[Path]) -> float | None:
+    """Share of the bytes of ``files`` resident in the page cache (fincore), or None."""
+    fincore = shutil.which("fincore")
+    if not fincore or not files:
+        return None
+    proc = subprocess.run([fincore, "--bytes", "--noheadings", "--raw", "--output", "RES,SIZE",
+                           *map(str, files)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None
+    resident = total = 0
+    for line in proc.stdout.split("\n"):
+        if line.strip():
+            res, size = (int(x) for x in line.split()[:2])
+            resident += min(res, size)
+            total += size
+    return resident / total if total else 1.0
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine description
+
+
+def _cmd_output(cmd: Sequence[str]) -> str:
+    try:
+        return subprocess.run(list(cmd), capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def machine_info(workdir: Path) -> dict[str, Any]:
+    cpu = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_total = 0
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_total = int(line.split()[1]) * 1024
+    fs = _cmd_output(["df", "--output=fstype,source,size,avail", "-h", str(workdir)]).splitlines()
+    versions: dict[str, str] = {}
+    for tool in ("cp", "sha256sum", "b3sum"):
+        if shutil.which(tool):
+            versions[tool] = (_cmd_output([tool, "--version"]).splitlines() or ["?"])[0]
+    for dist in ("prewarm", "xxhash", "torch", "transformers", "safetensors"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[dist] = importlib.metadata.version(dist)  # no import: this process stays small
+    versions["python"] = platform.python_version()
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu": cpu,
+        "mem_total_gib": round(mem_total / 2**30, 1),
+        "kernel": platform.release(),
+        "workdir_fs": fs[1] if len(fs) > 1 else "",
+        "versions": versions,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark
+
+
+@dataclass
+class Step:
+    name: str
+    bytes: int
+    runs: list[Run] = field(default_factory=list)
+    skipped: str = ""  # why, when the step did not run
+
+    @property
+    def ok_runs(self) -> list[Run]:
+        return [r for r in self.runs if r.ok]
+
+    @property
+    def failed(self) -> Run | None:
+        return next((r for r in self.runs if not r.ok), None)
+
+    @property
+    def wall(self) -> float | None:
+        runs = self.ok_runs
+        return statistics.median(r.wall_s for r in runs) if runs and not self.failed else None
+
+    @property
+    def rss_mb(self) -> float | None:
+        return max(r.maxrss_kib for r in self.runs) * 1024 / MB if self.runs else None
+
+    @property
+    def gbps(self) -> float | None:
+        return self.bytes / self.wall / GB if self.wall else None
+
+    def summary(self) -> dict[str, Any]:
+        return {"name": self.name, "bytes": self.bytes, "wall_s_median": self.wall,
+                "gb_per_s": self.gbps, "peak_rss_mb_max": self.rss_mb, "skipped": self.skipped or None,
+                "failure": self.failed.failure() if self.failed else None,
+                "runs": [asdict(r) | {"stdout": r.stdout[-4000:]} for r in self.runs]}
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.workdir: Path = args.workdir.resolve()
+        self.src = self.workdir / f"src-scale{args.scale:g}"
+        self.out_prewarm = self.workdir / "out-prewarm"
+        self.out_cp = self.workdir / "out-cp"
+        self.out_tf = self.workdir / "out-transformers"
+        self.steps: dict[str, Step] = {}
+        self.notes: list[str] = []
+        self.cache: dict[str, float | None] = {}
+        self.machine: dict[str, Any] = {}
+        self.src_bytes = 0
+        self.prewarm = [str(BIN / "prewarm")] if (BIN / "prewarm").exists() else [sys.executable, "-m", "prewarm"]
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for stale in (self.out_prewarm, self.out_cp, self.out_tf):
+            remove(stale)
+        marker = self.workdir / f"{self.src.name}.json"
+        if self.src.is_dir() and marker.exists() and json.loads(marker.read_text()).get("scale") == self.args.scale:
+            log(f"reusing source {self.src} ({dir_bytes(self.src) / GB:.2f} GB)")
+        else:
+            remove(self.src)
+            remove(marker)
+            log(f"writing synthetic Qwen2.5-7B-like checkpoint (scale {self.args.scale:g}) to {self.src}")
+            started = time.perf_counter()
+            # in a child: this process stays small (its peak RSS leaks into children's, see measure)
+            code = "import sys; from pathlib import Path; from prewarm.synthetic import write_qwen25_7b_like; " \
+                   "write_qwen25_7b_like(Path(sys.argv[1]), float(sys.argv[2]))"
+            run_quiet([sys.executable, "-c", code, str(self.src), repr(self.args.scale)])
+            sync()
+            marker.write_text(json.dumps({"scale": self.args.scale}))
+            log(f"  {dir_bytes(self.src) / GB:.2f} GB in {time.perf_counter() - started:.1f} s")
+        self.src_bytes = dir_bytes(self.src)
+        free = shutil.disk_usage(self.workdir).free
+        needed = 2 * self.src_bytes + 512 * MB  # the kept prewarm output plus one other output
+        if free < needed:
+            raise SystemExit(f"not enough free space in {self.workdir}: {free / GB:.1f} GB free, "
+                             f"{needed / GB:.1f} GB needed besides the source")
+
+    def before_timed_run(self, warm_source: bool = True) -> None:
+        if warm_source:
+            read_through(dir_files(self.src))
+        sync()
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def step(self, name: str, nbytes: int) -> Step:
+        return self.steps.setdefault(name, Step(name, nbytes))
+
+    def run_cp(self, i: int) -> None:
+        step = self.step("cp", self.src_bytes)
+        remove(self.out_cp)
+        self.before_timed_run()
+        self.cache.setdefault("source_cached_before_cp", cached_fraction(dir_files(self.src)))
+        script = ('set -e; cp -r "$1" "$2"; sync -- "$2"/* "$2" "$(dirname "$2")"')
+        run = measure(["bash", "-c", script, "bench-cp", str(self.src), str(self.out_cp)])
+        step.runs.append(run)
+        log(f"  cp -r + sync #{i + 1}: {run.wall_s:.2f} s, {run.maxrss_kib / 1024:.1f} MiB"
+            + ("" if run.ok else f" FAILED: {run.failure()}"))
+        remove(self.out_cp)
+
+    def run_reshard(self, i: int) -> None:
+        step = self.step("reshard", self.src_bytes)
+        remove(self.out_prewarm)
+        self.before_timed_run()
+        self.cache.setdefault("source_cached_before_reshard", cached_fraction(dir_files(self.src)))
+        run = measure([*self.prewarm, "reshard", str(self.src), str(self.out_prewarm), "--json"])
+        with contextlib.suppress(ValueError):
+            result = json.loads(run.stdout)
+            run.extra.update(timings=result["timings"], shards=result["shards"])
+        step.runs.append(run)
+        t = run.extra.get("timings", {})
+        log(f"  prewarm reshard #{i + 1}: {run.wall_s:.2f} s, {run.maxrss_kib / 1024:.1f} MiB "
+            f"(internal: plan {t.get('plan', 0):.2f} s, copy {t.get('copy', 0):.1f} s, sync {t.get('sync', 0):.1f} s)"
+            + ("" if run.ok else f" FAILED: {run.failure()}"))
+        # the last repeat's output stays for the verify step
+
+    def run_transformers(self, i: int) -> None:
+        step = self.step("transformers", self.src_bytes)
+        step_sync = self.step("transformers+sync", self.src_bytes)
+        if step.failed:
+            return  # it failed already (OOM, timeout): once is enough
+        remove(self.out_tf)
+        self.before_timed_run()
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+        run = measure([sys.executable, "-c", TRANSFORMERS_SNIPPET, str(self.src), str(self.out_tf)],
+                      timeout=self.args.transformers_timeout, env=env)
+        with contextlib.suppress(ValueError, IndexError):
+            run.extra.update(json.loads(run.stdout.strip().splitlines()[-1]))
+        step.runs.append(run)
+        if run.ok:
+            # what the copy floor and prewarm include: making the written files durable
+            synced = measure(["bash", "-c", 'sync -- "$1"/* "$1" "$(dirname "$1")"', "bench-sync", str(self.out_tf)])
+            total = Run(run.cmd + " ; sync", run.wall_s + synced.wall_s, max(run.maxrss_kib, synced.maxrss_kib),
+                        synced.returncode, extra={"sync_s": synced.wall_s})
+            step_sync.runs.append(total)
+            e = run.extra
+            log(f"  transformers #{i + 1}: {run.wall_s:.2f} s (import {e.get('import_s', 0):.1f}, "
+                f"load {e.get('load_s', 0):.1f}, save {e.get('save_s', 0):.1f}) + sync {synced.wall_s:.2f} s, "
+                f"{run.maxrss_kib / 1024:.0f} MiB")
+        else:
+            log(f"  transformers #{i + 1}: FAILED: {run.failure()}")
+            step_sync.skipped = "transformers failed"
+        remove(self.out_tf)
+
+    def run_verify_steps(self) -> None:
+        reshard = self.steps.get("reshard")
+        if not reshard or not reshard.ok_runs or not self.out_prewarm.is_dir():
+            self.notes.append("verify steps skipped: no prewarm output")
+            return
+        manifest = json.loads((self.out_prewarm / "prewarm.manifest.json").read_text())
+        files = [self.out_prewarm / name for name in sorted(manifest["files"])]
+        nbytes = sum(p.stat().st_size for p in files)
+        log("verify: dropping the source from the page cache, warming the output (untimed verify)")
+        sync()
+        drop_from_cache(dir_files(self.src))
+        warm = measure([*self.prewarm, "verify", str(self.out_prewarm)])
+        if not warm.ok:
+            self.notes.append(f"untimed warm-up verify failed: {warm.failure()}")
+        self.cache["output_cached_before_verify"] = cached_fraction(files)
+        names = [str(p) for p in files]
+        commands: list[tuple[str, list[str]]] = [
+            ("verify", [*self.prewarm, "verify", str(self.out_prewarm), "--json"]),
+            ("sha256sum", ["sha256sum", *names]),
+            ("sha256sum-P2", ["bash", "-c", 'printf "%s\\0" "$@" | xargs -0 -P 2 -n 1 sha256sum', "bench", *names]),
+        ]
+        if shutil.which("b3sum"):
+            commands.append(("b3sum", ["b3sum", *names]))
+        else:
+            self.steps["b3sum"] = Step("b3sum", nbytes, skipped="b3sum not installed (apt-get install -y b3sum)")
+        for i in range(self.args.repeat):
+            for name, cmd in commands:
+                sync()
+                run = measure(cmd)
+                if name == "verify":
+                    with contextlib.suppress(ValueError, KeyError):
+                        result = json.loads(run.stdout)
+                        run.extra.update(ok=result["ok"], internal_s=result["seconds"],
+                                         bytes_checked=result["bytes_checked"])
+                self.step(name, nbytes).runs.append(run)
+                log(f"  {name} #{i + 1}: {run.wall_s:.2f} s ({nbytes / run.wall_s / GB:.2f} GB/s), "
+                    f"{run.maxrss_kib / 1024:.1f} MiB" + ("" if run.ok else f" FAILED: {run.failure()}"))
+        self.cache["output_cached_after_verify"] = cached_fraction(files)
+
+    def run(self) -> None:
+        self.prepare()
+        self.machine = machine_info(self.workdir)
+        for i in range(self.args.repeat):
+            log(f"round {i + 1} of {self.args.repeat}")
+            self.run_cp(i)
+            self.run_reshard(i)
+            if self.args.skip_transformers:
+                self.steps["transformers"] = Step("transformers", self.src_bytes, skipped="--skip-transformers")
+            else:
+                self.run_transformers(i)
+        self.run_verify_steps()
+
+    def cleanup(self) -> None:
+        for path in (self.out_cp, self.out_tf, self.out_prewarm):
+            remove(path)
+        if not self.args.keep:
+            remove(self.src)
+            remove(self.workdir / f"{self.src.name}.json")
+            with contextlib.suppress(OSError):
+                self.workdir.rmdir()  # only if empty
+
+    # -- results -------------------------------------------------------------------------------
+
+    def targets(self) -> list[dict[str, Any]]:
+        def check(name: str, value: float | None, limit: float, higher_is_better: bool, unit: str,
+                  missing: str) -> dict[str, Any]:
+            if value is None:
+                return {"target": name, "status": "N/A", "value": None, "limit": limit, "detail": missing}
+            passed = value >= limit if higher_is_better else value <= limit
+            margin = (value / limit - 1) if higher_is_better else (1 - value / limit)
+            word = "headroom" if passed else "short"
+            return {"target": name, "status": "PASS" if passed else "MISS", "value": value, "limit": limit,
+                    "detail": f"{value:.2f}{unit} vs {limit:g}{unit}: {abs(margin) * 100:.0f}% {word}"}
+
+        cp, rs, tf, vf = (self.steps.get(n) for n in ("cp", "reshard", "transformers", "verify"))
+        ratio_cp = rs.wall / cp.wall if rs and cp and rs.wall and cp.wall else None
+        speedup = tf.wall / rs.wall if rs and tf and rs.wall and tf.wall else None
+        tf_missing = (tf.skipped or (tf.failed.failure() if tf.failed else "")) if tf else "not run"
+        return [
+            check("reshard wall <= 1.25x (cp -r + sync)", ratio_cp, RESHARD_VS_CP_MAX, False, "x", "not measured"),
+            check("reshard >= 3x faster than transformers", speedup, RESHARD_VS_TRANSFORMERS_MIN, True, "x",
+                  f"transformers: {tf_missing}"),
+            check("reshard peak RSS < 300 MB", rs.rss_mb if rs and rs.runs else None, RESHARD_RSS_MAX_MB, False,
+                  " MB", "not measured"),
+            check("prewarm verify >= 3 GB/s (warm cache)", vf.gbps if vf else None, VERIFY_MIN_GBPS, True, " GB/s",
+                  "not measured"),
+        ]
+
+    def table(self, targets: list[dict[str, Any]]) -> str:
+        status = {t["target"]: t["status"] for t in targets}
+        t_cp, t_tf, t_rss, t_vf = (t["target"] for t in targets)
+        reshard_status = [status[t_cp], status[t_tf], status[t_rss]]
+        reshard_overall = ("MISS" if "MISS" in reshard_status
+                           else "PASS" if all(s == "PASS" for s in reshard_status) else "PASS*")
+        rows_spec = [
+            ("cp -r + sync (floor)", "cp", "cp", "baseline", ""),
+            ("prewarm reshard", "reshard", "cp", "<=1.25x cp; 3x tf; <300MB", reshard_overall),
+            ("transformers load+save", "transformers", "cp", "reshard >= 3x faster", status[t_tf]),
+            ("transformers + sync", "transformers+sync", "cp", "(info)", ""),
+            ("prewarm verify (warm)", "verify", "sha256sum", ">= 3 GB/s", status[t_vf]),
+            ("sha256sum (1 proc)", "sha256sum", "sha256sum", "baseline", ""),
+            ("sha256sum (xargs -P2)", "sha256sum-P2", "sha256sum", "(info)", ""),
+            ("b3sum", "b3sum", "sha256sum", "(info)", ""),
+        ]
+        header = ("step", "wall s", "GB/s", "peak RSS MB", "ratio vs base", "target", "result")
+        rows = [header]
+        for label, key, base_key, target, result in rows_spec:
+            step, base = self.steps.get(key), self.steps.get(base_key)
+            if step is None:
+                continue
+            if step.skipped or step.failed:
+                why = step.skipped or step.failed.failure()  # type: ignore[union-attr]
+                rss = f"{step.rss_mb:.0f}" if step.runs else "-"
+                rows.append((label, "-", "-", rss, "-", target, ("FAILED: " if step.failed else "skipped: ") + why))
+                continue
+            ratio = (f"{step.wall / base.wall:.2f}x" if step.wall and base and base.wall else "-")
+            rows.append((label, f"{step.wall:.2f}" if step.wall else "-", f"{step.gbps:.2f}" if step.gbps else "-",
+                         f"{step.rss_mb:.1f}" if step.rss_mb is not None else "-", ratio, target, result or "-"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+        lines = []
+        for n, row in enumerate(rows):
+            cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:5], widths[1:5])]
+            cells += [row[5].ljust(widths[5]), row[6]]
+            lines.append("| " + " | ".join(cells) + " |")
+            if n == 0:
+                lines.append("|" + "|".join("-" * (len(c) + 2) for c in cells) + "|")
+        return "\n".join(lines)
+
+    def report(self) -> dict[str, Any]:
+        targets = self.targets()
+        return {
+            "command": shlex.join([sys.executable, *sys.argv]),
+            "machine": self.machine,
+            "params": {"scale": self.args.scale, "repeat": self.args.repeat, "source": str(self.src),
+                       "source_bytes": self.src_bytes, "statistic": "median wall time, max peak RSS over repeats"},
+            "page_cache": self.cache,
+            "steps": {name: step.summary() for name, step in self.steps.items()},
+            "targets": targets,
+            "notes": self.notes,
+            "table": self.table(targets),
+        }
+
+
+def print_human(report: dict[str, Any], out: Any) -> None:
+    m, p = report["machine"], report["params"]
+    print(f"\nprewarm reshard/verify benchmark, {m['date']}", file=out)
+    print(f"machine: {m['nproc']} CPUs ({m['cpu']}), {m['mem_total_gib']} GiB RAM, kernel {m['kernel']}, "
+          f"workdir fs: {m['workdir_fs']}", file=out)
+    print(f"source: {p['source_bytes'] / GB:.2f} GB synthetic Qwen2.5-7B-like (scale {p['scale']:g}); "
+          f"{p['repeat']} repeat(s), median wall, max peak RSS (MB = 10^6 B, GNU time %M)", file=out)
+    cache = {k: (f"{v * 100:.0f}%" if v is not None else "n/a") for k, v in report["page_cache"].items()}
+    if cache:
+        print("page cache residency: " + ", ".join(f"{k} {v}" for k, v in cache.items()), file=out)
+    steps = report["steps"]
+    rs = steps.get("reshard", {}).get("runs", [])
+    if rs and rs[-1].get("extra", {}).get("timings"):
+        t = rs[-1]["extra"]["timings"]
+        print(f"reshard internal timings (last run): plan {t['plan']:.2f} s, copy {t['copy']:.2f} s, "
+              f"fsync wait after copy {t['sync']:.2f} s, total {t['total']:.2f} s", file=out)
+    tf = steps.get("transformers", {}).get("runs", [])
+    if tf and tf[-1].get("extra", {}).get("load_s") is not None:
+        e = tf[-1]["extra"]
+        al = e.get("after_load", {})
+        print(f"transformers phases (last run): import {e['import_s']:.1f} s, load {e['load_s']:.1f} s, "
+              f"save {e['save_s']:.1f} s; after load RssAnon {al.get('RssAnon_kib', 0) / 1024:.0f} MiB, "
+              f"RssFile {al.get('RssFile_kib', 0) / 1024:.0f} MiB", file=out)
+    vf = steps.get("verify", {}).get("runs", [])
+    if vf and vf[-1].get("extra", {}).get("internal_s"):
+        e = vf[-1]["extra"]
+        print(f"prewarm verify (last run): its own timer {e['internal_s']:.2f} s for {e['bytes_checked'] / GB:.2f} GB "
+              f"({e['bytes_checked'] / e['internal_s'] / GB:.2f} GB/s without interpreter start-up)", file=out)
+    print("\n" + report["table"] + "\n", file=out)
+    print("targets:", file=out)
+    for t in report["targets"]:
+        print(f"  {t['status']:<4}  {t['target']:<42} {t['detail']}", file=out)
+    for note in report["notes"]:
+        print(f"note: {note}", file=out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", type=float, default=1.0, help="shrink the checkpoint (1.0 = ~15.2 GB)")
+    parser.add_argument("--workdir", type=Path, default=REPO / "bench-data",
+                        help="where the source and outputs go (default: %(default)s)")
+    parser.add_argument("--skip-transformers", action="store_true", help="skip the from_pretrained/save_pretrained step")
+    parser.add_argument("--transformers-timeout", type=float, default=3600.0, metavar="SECONDS",
+                        help="kill the transformers step after this long (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="machine-readable results on stdout (log on stderr)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each step; median wall is reported")
+    parser.add_argument("--keep", action="store_true", help="keep the source checkpoint (reused by the next run)")
+    args = parser.parse_args(argv)
+    if args.scale <= 0 or args.repeat < 1:
+        parser.error("--scale must be > 0 and --repeat >= 1")
+
+    bench = Bench(args)
+    try:
+        bench.run()
+    finally:
+        log("cleaning up" + (" (keeping the source)" if args.keep else ""))
+        bench.cleanup()
+    report = bench.report()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        print_human(report, sys.stderr)
+    else:
+        print_human(report, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

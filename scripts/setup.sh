@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Create .venv (Python >= 3.11) and install prewarm with what the tests and the demo need.
+# Idempotent: a second run only checks what is installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+"$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "prewarm needs Python >= 3.11")'
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+# torch is pinned to the CPU build 2.13.0 in the `test` extra: a bare `torch` would pull a CUDA build of several GB.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'

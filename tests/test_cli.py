@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from prewarm.cli import PlainProgress
+from tests.helpers import run_prewarm
+
+
+def test_plain_progress_prints_a_line_per_tenth_from_many_threads(capsys: pytest.CaptureFixture[str]) -> None:
+    progress = PlainProgress(quiet_seconds=0)
+    progress.start("hashing", 1000)
+    threads = [threading.Thread(target=lambda: [progress.advance(1) for _ in range(250)]) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[1].split("%")[0].strip() for line in lines] == [str(p) for p in range(10, 101, 10)]
+    assert lines[-1].startswith("hashing: 100% (1.00 kB of 1.00 kB")
+
+
+def test_core_commands_do_not_import_torch_or_vllm() -> None:
+    code = (
+        "import sys, prewarm.cli, prewarm.reshard, prewarm.verify, prewarm.manifest; "
+        "sys.exit(sorted({'torch', 'vllm', 'transformers'} & set(sys.modules)) or 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "reshard" in run_prewarm("--help", check=True).stdout
+
+
+def test_unknown_option_is_a_usage_error() -> None:
+    proc = run_prewarm("reshard", "--frobnicate")
+    assert proc.returncode == 2 and "No such option: --frobnicate" in proc.stderr
+
+
+def test_version() -> None:
+    assert run_prewarm("--version", check=True).stdout.startswith("prewarm, version ")
