@@ -35,7 +35,7 @@ def test_core_commands_do_not_import_torch_or_vllm() -> None:
 
 def test_unknown_option_is_a_usage_error() -> None:
     proc = run_prewarm("reshard", "--frobnicate")
-    assert proc.returncode == 2 and "No such option: --frobnicate" in proc.stderr
+    assert proc.returncode == 2 and "No such option '--frobnicate'" in proc.stderr
 
 
 def test_version() -> None:
