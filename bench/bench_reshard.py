@@ -556,7 +556,7 @@ class Bench:
         widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
         lines = []
         for n, row in enumerate(rows):
-            cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:5], widths[1:5])]
+            cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:5], widths[1:5], strict=True)]
             cells += [row[5].ljust(widths[5]), row[6]]
             lines.append("| " + " | ".join(cells) + " |")
             if n == 0:

@@ -219,25 +219,24 @@ def reshard(obj: Context, source: Path, destination: Path, max_size: str, as_jso
 @main.command()
 @click.argument("directory", type=click.Path(path_type=Path))
 @_threads
+@click.option("--warm", "also_warm", is_flag=True, help="Also leave every file resident in the page cache (one read).")
 @_json_flag
 @click.pass_obj
-def verify(obj: Context, directory: Path, threads: int | None, as_json: bool) -> None:
+def verify(obj: Context, directory: Path, threads: int | None, also_warm: bool, as_json: bool) -> None:
     """Check every byte of DIRECTORY against its prewarm.manifest.json.
 
     Exits 0 when everything matches, 1 naming each missing, extra, resized or corrupted file
-    (with the byte range of each bad chunk).
+    (with the byte range of each bad chunk). Reading the bytes loads them into the page cache,
+    so with --warm verifying and warming cost one read, not two.
     """
-    from prewarm.verify import verify_directory
+    from prewarm.verify import record_verification, verify_directory
 
     report = verify_directory(directory, threads, obj.progress(as_json))
+    record_verification(report)
     problems = [{k: v for k, v in dataclasses.asdict(p).items() if v not in (None, "")} for p in report.problems]
-    data = {
-        "ok": report.ok,
-        "problems": problems,
-        "files": report.files,
-        "bytes_checked": report.bytes_checked,
-        "seconds": round(report.seconds, 3),
-    }
+    data: dict[str, Any] = {"ok": report.ok, "problems": problems, "files": report.files,
+                            "bytes_checked": report.bytes_checked, "seconds": round(report.seconds, 3)}
+    warmed = _warm_after_verify(obj, directory, threads, as_json, data) if also_warm and report.ok else None
 
     def human() -> None:
         for p in report.problems:
@@ -246,14 +245,144 @@ def verify(obj: Context, directory: Path, threads: int | None, as_json: bool) ->
             click.echo(f"{p.kind:<10} {p.file}{where}{detail}")
         rate = report.bytes_checked / max(report.seconds, 1e-9)
         state = "OK" if report.ok else f"FAILED: {len(report.problems)} problems"
-        click.echo(
-            f"{state}: {report.files} files, {format_size(report.bytes_checked)} checked in "
-            f"{report.seconds:.2f} s ({format_size(rate)}/s)"
-        )
+        click.echo(f"{state}: {report.files} files, {format_size(report.bytes_checked)} checked in "
+                   f"{report.seconds:.2f} s ({format_size(rate)}/s)")
+        if warmed is not None:
+            click.echo(f"Resident: {_percent(warmed.after)} ({format_size(warmed.bytes_read)} more read)")
 
     _emit(as_json, data, human)
-    if not report.ok:
+    if not report.ok or (warmed is not None and not warmed.after.complete):
         sys.exit(int(ExitCode.CHECK_FAILED))
+
+
+def _warm_after_verify(obj: Context, directory: Path, threads: int | None, as_json: bool,
+                       data: dict[str, Any]) -> Any:
+    from prewarm.warm import warm as run_warm
+
+    result = run_warm(directory, threads, obj.progress(as_json))
+    data["warm"] = _warm_json(result)
+    return result
+
+
+def _percent(residency: Any) -> str:
+    share = residency.resident_bytes / residency.total_bytes if residency.total_bytes else 1.0
+    return f"{format_size(residency.resident_bytes)} of {format_size(residency.total_bytes)} ({share:.0%})"
+
+
+def _residency_json(residency: Any) -> dict[str, Any]:
+    return {"total_bytes": residency.total_bytes, "resident_bytes": residency.resident_bytes,
+            "files": [{"name": f.name, "bytes": f.bytes, "resident_bytes": f.resident_bytes} for f in residency.files]}
+
+
+def _warm_json(result: Any) -> dict[str, Any]:
+    return {"bytes_read": result.bytes_read, "seconds": round(result.seconds, 3),
+            "already_resident_bytes": result.before.resident_bytes, "budget": result.budget,
+            "limited_by_memory": result.limited_by_memory, "complete": result.after.complete,
+            **_residency_json(result.after)}
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--lock", is_flag=True, help="Then keep the files resident (mlock) until Ctrl-C or SIGTERM.")
+@click.option("--budget", metavar="SIZE", default=None,
+              help="Most bytes to add to the page cache (default: available memory less a tenth).")
+@_threads
+@_json_flag
+@click.pass_obj
+def warm(obj: Context, directory: Path, lock: bool, budget: str | None, threads: int | None, as_json: bool) -> None:
+    """Load every file of DIRECTORY into the page cache, skipping what is already resident.
+
+    Exits 0 only when every file is resident afterwards. When the files do not fit in memory it
+    says so first and warms what fits, in model order (exit 1). With --lock it then holds the
+    files in memory (mlock) until interrupted; it checks the lock limit (ulimit -l) first.
+    """
+    from prewarm.warm import PageLock
+    from prewarm.warm import warm as run_warm
+
+    result = run_warm(directory, threads, obj.progress(as_json), parse_size(budget) if budget else None)
+    data = _warm_json(result)
+    if result.limited_by_memory:
+        click.echo(f"Warning: {directory} needs more page cache than the {format_size(result.budget)} available; "
+                   "warmed what fits, in model order", err=True)
+
+    def human() -> None:
+        rate = result.bytes_read / max(result.seconds, 1e-9)
+        click.echo(f"Warmed {directory}: read {format_size(result.bytes_read)} in {result.seconds:.2f} s "
+                   f"({format_size(rate)}/s); {format_size(result.before.resident_bytes)} was already resident; "
+                   f"now {_percent(result.after)} resident")
+
+    if not lock or not result.after.complete:
+        _emit(as_json, data, human)
+        if not result.after.complete:
+            sys.exit(int(ExitCode.CHECK_FAILED))
+        return
+    with PageLock(directory, obj.progress(as_json)) as held:
+        data["locked_bytes"] = held.locked_bytes
+        _emit(as_json, data, human)
+        click.echo(f"Locked {format_size(held.locked_bytes)} in memory (pid {os.getpid()}); "
+                   "Ctrl-C or SIGTERM releases it", err=True)
+        sys.stdout.flush()
+        try:
+            while True:
+                signal.pause()
+        except (KeyboardInterrupt, _Terminated):
+            click.echo("Released.", err=True)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@_json_flag
+def status(directory: Path, as_json: bool) -> None:
+    """Show how much of DIRECTORY is in the page cache (mincore), and when it was last verified."""
+    from prewarm.verify import last_verification
+    from prewarm.warm import residency
+
+    res = residency(directory)
+    record = last_verification(directory)
+    has_manifest = (directory / "prewarm.manifest.json").is_file()
+    verified = None if record is None else {
+        "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.verified_at)), "ok": record.ok,
+        "problems": record.problems, "manifest_changed": record.manifest_changed}
+    data = _residency_json(res) | {"manifest": has_manifest, "last_verification": verified}
+
+    def human() -> None:
+        width = max((len(f.name) for f in res.files), default=4)
+        for f in res.files:
+            share = f.resident_bytes / f.bytes if f.bytes else 1.0
+            click.echo(f"{f.name:<{width}}  {format_size(f.bytes):>10}  {share:>5.0%} resident")
+        click.echo(f"{'total':<{width}}  {format_size(res.total_bytes):>10}  {_percent(res)}")
+        click.echo(f"manifest: {_verification_line(has_manifest, verified)}")
+
+    _emit(as_json, data, human)
+
+
+def _verification_line(has_manifest: bool, verified: dict[str, Any] | None) -> str:
+    if not has_manifest:
+        return "none (run `prewarm manifest DIR`)"
+    if verified is None:
+        return "never verified"
+    outcome = "OK" if verified["ok"] else f"{verified['problems']} problems"
+    changed = "; the manifest has changed since" if verified["manifest_changed"] else ""
+    return f"last verified {verified['verified_at']}: {outcome}{changed}"
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@_json_flag
+def evict(directory: Path, as_json: bool) -> None:
+    """Drop DIRECTORY's files from the page cache (no root needed), e.g. to measure a cold start."""
+    from prewarm.warm import evict as run_evict
+
+    before, after = run_evict(directory)
+    data = {"before": _residency_json(before), "after": _residency_json(after)}
+
+    def human() -> None:
+        click.echo(f"Evicted {directory}: {format_size(before.resident_bytes)} -> {format_size(after.resident_bytes)} "
+                   "resident")
+        if after.resident_bytes:
+            click.echo("  what stayed is mapped or locked by another process (a running engine, `warm --lock`)")
+
+    _emit(as_json, data, human)
 
 
 @main.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import xxhash
 
+from prewarm.checkpoint import MANIFEST_NAME
 from prewarm.errors import FilesystemError, ManifestError
+from prewarm.fsutil import write_file_atomic
 from prewarm.manifest import Manifest, default_threads, list_files, read_manifest, read_range, thread_buffer
 from prewarm.progress import NoProgress, Progress
 
@@ -130,3 +133,41 @@ def _merge_adjacent(problems: list[Problem]) -> list[Problem]:
         elif not (last and p.kind == last.kind == "size" and p.file == last.file):
             merged.append(p)
     return merged
+
+
+RECORD_NAME = ".prewarm-verified.json"  # hidden: manifests and verify ignore it
+
+
+@dataclass(frozen=True)
+class VerificationRecord:
+    verified_at: float  # seconds since the epoch
+    ok: bool
+    problems: int
+    manifest_changed: bool  # the manifest is not the one that was verified
+
+
+def record_verification(report: VerifyReport) -> bool:
+    """Note the result beside the manifest, for `prewarm status`; False if DIR is not writable."""
+    doc = {"verified_at": time.time(), "ok": report.ok, "problems": len(report.problems),
+           "manifest_xxh3_128": _manifest_digest(report.directory)}
+    try:
+        write_file_atomic(report.directory / RECORD_NAME, (json.dumps(doc) + "\n").encode())
+    except FilesystemError:
+        return False
+    return True
+
+
+def last_verification(directory: Path) -> VerificationRecord | None:
+    try:
+        doc = json.loads((directory / RECORD_NAME).read_bytes())
+        return VerificationRecord(float(doc["verified_at"]), bool(doc["ok"]), int(doc["problems"]),
+                                  doc["manifest_xxh3_128"] != _manifest_digest(directory))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _manifest_digest(directory: Path) -> str | None:
+    try:
+        return xxhash.xxh3_128((directory / MANIFEST_NAME).read_bytes()).hexdigest()
+    except OSError:
+        return None

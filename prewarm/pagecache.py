@@ -1,0 +1,132 @@
+"""The page cache: residency (mincore), warming, eviction (fadvise) and locking (mlock).
+
+Residency is mincore(2) on a shared read-only mapping of the file, as vmtouch and fincore
+measure it. The kernel reports every page resident for a file the caller can neither own nor
+write (a guard against cache side channels, see mincore(2)), so residency is exact only for
+files we own or can write.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+_PROT_READ = 0x1
+_MAP_SHARED = 0x01
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+_libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+def _check(result: int, what: str, path: Path) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}", str(path))
+
+
+def pages(size: int) -> int:
+    return -(-size // PAGE_SIZE)
+
+
+@dataclass
+class Mapping:
+    """A read-only shared mapping of a whole file (``address`` is None for an empty file)."""
+
+    path: Path
+    size: int
+    address: int | None
+
+    def close(self) -> None:
+        if self.address is not None:
+            _libc.munmap(self.address, self.size)
+            self.address = None
+
+
+@contextmanager
+def mapped(path: Path) -> Iterator[Mapping]:
+    mapping = map_file(path)
+    try:
+        yield mapping
+    finally:
+        mapping.close()
+
+
+def map_file(path: Path) -> Mapping:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return Mapping(path, 0, None)
+        address = _libc.mmap(None, size, _PROT_READ, _MAP_SHARED, fd, 0)
+        if address in (None, _MAP_FAILED):
+            _check(-1, "mmap", path)
+        return Mapping(path, size, address)
+    finally:
+        os.close(fd)  # the mapping keeps the file open
+
+
+def residency_vector(mapping: Mapping) -> bytes:
+    """One byte per page; bit 0 set where the page is in the page cache."""
+    if mapping.address is None:
+        return b""
+    vector = (ctypes.c_ubyte * pages(mapping.size))()
+    _check(_libc.mincore(mapping.address, mapping.size, vector), "mincore", mapping.path)
+    return bytes(vector)
+
+
+_LOW_BIT = bytes(i & 1 for i in range(256))  # mincore's other bits are reserved
+
+
+def resident_bytes(vector: bytes, size: int) -> int:
+    """Bytes of a ``size``-byte file that the resident pages hold (the last page may be partial)."""
+    count = vector.translate(_LOW_BIT).count(1)
+    if vector and vector[-1] & 1 and size % PAGE_SIZE:
+        return count * PAGE_SIZE - (PAGE_SIZE - size % PAGE_SIZE)
+    return count * PAGE_SIZE
+
+
+def missing_ranges(vector: bytes, size: int, merge_gap: int = 256) -> list[tuple[int, int]]:
+    """(offset, length) byte ranges of non-resident pages; runs fewer than ``merge_gap`` pages
+    apart become one range, since one large read beats many small ones."""
+    runs: list[list[int]] = []
+    for match in re.finditer(rb"\x00+", vector.translate(_LOW_BIT)):
+        if runs and match.start() - runs[-1][1] < merge_gap:
+            runs[-1][1] = match.end()
+        else:
+            runs.append([match.start(), match.end()])
+    return [(start * PAGE_SIZE, min(end * PAGE_SIZE, size) - start * PAGE_SIZE) for start, end in runs]
+
+
+def evict_file(path: Path) -> None:
+    """Drop a file's clean pages from the cache: fdatasync (dirty pages cannot be dropped), then
+    posix_fadvise(DONTNEED), which needs no privilege. Pages mapped or locked elsewhere stay."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def lock_mapping(mapping: Mapping) -> None:
+    """mlock(2) the whole mapping: faults every page in and keeps it resident until unlocked."""
+    if mapping.address is not None:
+        _check(_libc.mlock(mapping.address, mapping.size), "mlock", mapping.path)
+
+
+def unlock_mapping(mapping: Mapping) -> None:
+    if mapping.address is not None:
+        _libc.munlock(mapping.address, mapping.size)

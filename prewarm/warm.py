@@ -1,0 +1,249 @@
+"""Warm a serving directory into the page cache, measure residency, evict, and lock.
+
+The daemon's page-cache stage: ``warm`` reads only what is not resident yet (large parallel
+reads, in model order), then measures the result; ``PageLock`` keeps files resident for as long
+as its owner holds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from prewarm.checkpoint import MANIFEST_NAME
+from prewarm.errors import FilesystemError, PrewarmError
+from prewarm.fsutil import os_error
+from prewarm.manifest import default_threads, list_files, read_range, thread_buffer
+from prewarm.pagecache import (
+    PAGE_SIZE,
+    Mapping,
+    evict_file,
+    lock_mapping,
+    map_file,
+    mapped,
+    missing_ranges,
+    pages,
+    residency_vector,
+    resident_bytes,
+    unlock_mapping,
+)
+from prewarm.progress import NoProgress, Progress
+from prewarm.units import format_size
+
+log = logging.getLogger(__name__)
+READ_PIECE = 16 * 2**20
+_CAP_IPC_LOCK = 14  # capabilities(7): lets a process lock memory past RLIMIT_MEMLOCK
+
+
+@dataclass(frozen=True)
+class FileResidency:
+    name: str
+    bytes: int
+    resident_bytes: int
+
+
+@dataclass(frozen=True)
+class Residency:
+    directory: Path
+    files: tuple[FileResidency, ...]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.bytes for f in self.files)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(f.resident_bytes for f in self.files)
+
+    @property
+    def complete(self) -> bool:
+        return self.resident_bytes == self.total_bytes
+
+
+@dataclass(frozen=True)
+class WarmResult:
+    before: Residency
+    after: Residency
+    bytes_read: int
+    seconds: float
+    budget: int
+    limited_by_memory: bool  # the model did not fit: only what fits was warmed, in model order
+
+
+class MemoryLockLimit(PrewarmError):
+    """RLIMIT_MEMLOCK is below what locking needs."""
+
+
+def serving_files(directory: Path) -> list[str]:
+    """The files to keep hot, weights first in file-name (model) order, then the small files."""
+    if not directory.is_dir():
+        raise FilesystemError("not a directory", str(directory))
+    names = list_files(directory) + ([MANIFEST_NAME] if (directory / MANIFEST_NAME).is_file() else [])
+    return sorted(names, key=lambda n: (not n.endswith(".safetensors"), n))
+
+
+def residency(directory: Path, names: list[str] | None = None) -> Residency:
+    """Bytes resident per file, measured with mincore(2)."""
+    files = []
+    for name in names if names is not None else serving_files(directory):
+        with _mapped_or_error(directory / name) as mapping:
+            files.append(FileResidency(name, mapping.size, resident_bytes(residency_vector(mapping), mapping.size)))
+    return Residency(directory, tuple(files))
+
+
+def _mapped_or_error(path: Path):  # type: ignore[no-untyped-def]
+    try:
+        return mapped(path)
+    except FileNotFoundError:
+        raise FilesystemError("disappeared while being warmed", str(path)) from None
+    except OSError as exc:
+        raise os_error(exc, path) from exc
+
+
+def memory_available() -> int:
+    """MemAvailable from /proc/meminfo: what the page cache can grow into without swapping."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def default_budget() -> int:
+    """Leave a tenth of available memory (at least 512 MiB) for everything else."""
+    available = memory_available()
+    return max(0, available - max(available // 10, 512 * 2**20))
+
+
+def warm(directory: Path, threads: int | None = None, progress: Progress | None = None,
+         budget: int | None = None) -> WarmResult:
+    """Read every non-resident page of ``directory``'s files into the page cache, then measure."""
+    progress = progress or NoProgress()
+    started = time.perf_counter()
+    names = serving_files(directory)
+    before, work = _plan_reads(directory, names)
+    budget = default_budget() if budget is None else budget
+    needed = sum(length for _, _, length in work)
+    limited = needed > budget
+    if limited:
+        log.info("%s needs %s more in the page cache but only %s fits: warming what fits, in model order",
+                    directory, format_size(needed), format_size(budget))
+        work = _trim(work, budget)
+    progress.start("warming", sum(length for _, _, length in work))
+    with ThreadPoolExecutor(threads or default_threads(), thread_name_prefix="prewarm-warm") as pool:
+        read = sum(pool.map(lambda item: _read_piece(directory, item, progress), work))
+    progress.finish()
+    after = residency(directory, names)
+    return WarmResult(before, after, read, time.perf_counter() - started, budget, limited)
+
+
+def _plan_reads(directory: Path, names: list[str]) -> tuple[Residency, list[tuple[str, int, int]]]:
+    files, work = [], []
+    for name in names:
+        with _mapped_or_error(directory / name) as mapping:
+            vector = residency_vector(mapping)
+        files.append(FileResidency(name, mapping.size, resident_bytes(vector, mapping.size)))
+        for offset, length in missing_ranges(vector, mapping.size):
+            work += [(name, o, min(READ_PIECE, offset + length - o)) for o in range(offset, offset + length, READ_PIECE)]
+    return Residency(directory, tuple(files)), work
+
+
+def _trim(work: list[tuple[str, int, int]], budget: int) -> list[tuple[str, int, int]]:
+    kept, total = [], 0
+    for name, offset, length in work:
+        if total + length > budget:
+            break
+        kept.append((name, offset, length))
+        total += length
+    return kept
+
+
+def _read_piece(directory: Path, item: tuple[str, int, int], progress: Progress) -> int:
+    name, offset, length = item
+    path = directory / name
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise FilesystemError("disappeared while being warmed", str(path)) from None
+    try:
+        got = read_range(fd, offset, length, thread_buffer(min(length, READ_PIECE)), lambda view: None)
+    finally:
+        os.close(fd)
+    progress.advance(length)
+    if got != length:
+        raise FilesystemError(f"changed while being warmed: shorter than {offset + length} bytes", str(path))
+    return got
+
+
+def evict(directory: Path) -> tuple[Residency, Residency]:
+    """Drop ``directory``'s pages from the page cache; (before, after) residency."""
+    names = serving_files(directory)
+    before = residency(directory, names)
+    for name in names:
+        try:
+            evict_file(directory / name)
+        except OSError as exc:
+            raise os_error(exc, directory / name) from exc
+    return before, residency(directory, names)
+
+
+def can_lock_unlimited() -> bool:
+    with open("/proc/self/status") as f:
+        caps = next(line for line in f if line.startswith("CapEff:"))
+    return bool(int(caps.split()[1], 16) >> _CAP_IPC_LOCK & 1)
+
+
+def check_lock_limit(needed: int) -> None:
+    """Refuse up front, with the number needed, when RLIMIT_MEMLOCK cannot hold ``needed`` bytes."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if soft == resource.RLIM_INFINITY or soft >= needed or can_lock_unlimited():
+        return
+    kib = -(-needed // 1024)
+    raise MemoryLockLimit(
+        f"locking needs {format_size(needed)} but the memory lock limit (RLIMIT_MEMLOCK) is {format_size(soft)}",
+        hint=f"raise it: `ulimit -l {kib}` (or unlimited) in the shell, LimitMEMLOCK=infinity in the systemd "
+             "unit, or memlock in /etc/security/limits.conf")
+
+
+class PageLock:
+    """Files of a directory locked in memory (mlock) until ``release``; the daemon owns one."""
+
+    def __init__(self, directory: Path, progress: Progress | None = None) -> None:
+        names = serving_files(directory)
+        sizes = {name: (directory / name).stat().st_size for name in names}
+        self.locked_bytes = sum(pages(size) * PAGE_SIZE for size in sizes.values())
+        check_lock_limit(self.locked_bytes)
+        self.mappings: list[Mapping] = []
+        progress = progress or NoProgress()
+        progress.start("locking", sum(sizes.values()))
+        try:
+            for name in names:
+                try:
+                    mapping = map_file(directory / name)
+                    self.mappings.append(mapping)
+                    lock_mapping(mapping)
+                except OSError as exc:
+                    raise os_error(exc, directory / name) from exc
+                progress.advance(mapping.size)
+        except BaseException:
+            self.release()
+            raise
+        finally:
+            progress.finish()
+
+    def release(self) -> None:
+        for mapping in self.mappings:
+            unlock_mapping(mapping)
+            mapping.close()
+        self.mappings.clear()
+
+    def __enter__(self) -> PageLock:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
