@@ -234,8 +234,13 @@ def verify(obj: Context, directory: Path, threads: int | None, also_warm: bool, 
     report = verify_directory(directory, threads, obj.progress(as_json))
     record_verification(report)
     problems = [{k: v for k, v in dataclasses.asdict(p).items() if v not in (None, "")} for p in report.problems]
-    data: dict[str, Any] = {"ok": report.ok, "problems": problems, "files": report.files,
-                            "bytes_checked": report.bytes_checked, "seconds": round(report.seconds, 3)}
+    data: dict[str, Any] = {
+        "ok": report.ok,
+        "problems": problems,
+        "files": report.files,
+        "bytes_checked": report.bytes_checked,
+        "seconds": round(report.seconds, 3),
+    }
     warmed = _warm_after_verify(obj, directory, threads, as_json, data) if also_warm and report.ok else None
 
     def human() -> None:
@@ -245,8 +250,10 @@ def verify(obj: Context, directory: Path, threads: int | None, also_warm: bool, 
             click.echo(f"{p.kind:<10} {p.file}{where}{detail}")
         rate = report.bytes_checked / max(report.seconds, 1e-9)
         state = "OK" if report.ok else f"FAILED: {len(report.problems)} problems"
-        click.echo(f"{state}: {report.files} files, {format_size(report.bytes_checked)} checked in "
-                   f"{report.seconds:.2f} s ({format_size(rate)}/s)")
+        click.echo(
+            f"{state}: {report.files} files, {format_size(report.bytes_checked)} checked in "
+            f"{report.seconds:.2f} s ({format_size(rate)}/s)"
+        )
         if warmed is not None:
             click.echo(f"Resident: {_percent(warmed.after)} ({format_size(warmed.bytes_read)} more read)")
 
@@ -255,8 +262,7 @@ def verify(obj: Context, directory: Path, threads: int | None, also_warm: bool, 
         sys.exit(int(ExitCode.CHECK_FAILED))
 
 
-def _warm_after_verify(obj: Context, directory: Path, threads: int | None, as_json: bool,
-                       data: dict[str, Any]) -> Any:
+def _warm_after_verify(obj: Context, directory: Path, threads: int | None, as_json: bool, data: dict[str, Any]) -> Any:
     from prewarm.warm import warm as run_warm
 
     result = run_warm(directory, threads, obj.progress(as_json))
@@ -270,22 +276,31 @@ def _percent(residency: Any) -> str:
 
 
 def _residency_json(residency: Any) -> dict[str, Any]:
-    return {"total_bytes": residency.total_bytes, "resident_bytes": residency.resident_bytes,
-            "files": [{"name": f.name, "bytes": f.bytes, "resident_bytes": f.resident_bytes} for f in residency.files]}
+    return {
+        "total_bytes": residency.total_bytes,
+        "resident_bytes": residency.resident_bytes,
+        "files": [{"name": f.name, "bytes": f.bytes, "resident_bytes": f.resident_bytes} for f in residency.files],
+    }
 
 
 def _warm_json(result: Any) -> dict[str, Any]:
-    return {"bytes_read": result.bytes_read, "seconds": round(result.seconds, 3),
-            "already_resident_bytes": result.before.resident_bytes, "budget": result.budget,
-            "limited_by_memory": result.limited_by_memory, "complete": result.after.complete,
-            **_residency_json(result.after)}
+    return {
+        "bytes_read": result.bytes_read,
+        "seconds": round(result.seconds, 3),
+        "already_resident_bytes": result.before.resident_bytes,
+        "budget": result.budget,
+        "limited_by_memory": result.limited_by_memory,
+        "complete": result.after.complete,
+        **_residency_json(result.after),
+    }
 
 
 @main.command()
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--lock", is_flag=True, help="Then keep the files resident (mlock) until Ctrl-C or SIGTERM.")
-@click.option("--budget", metavar="SIZE", default=None,
-              help="Most bytes to add to the page cache (default: available memory less a tenth).")
+@click.option(
+    "--budget", metavar="SIZE", default=None, help="Most bytes to add to the page cache (default: available memory less a tenth)."
+)
 @_threads
 @_json_flag
 @click.pass_obj
@@ -302,14 +317,19 @@ def warm(obj: Context, directory: Path, lock: bool, budget: str | None, threads:
     result = run_warm(directory, threads, obj.progress(as_json), parse_size(budget) if budget else None)
     data = _warm_json(result)
     if result.limited_by_memory:
-        click.echo(f"Warning: {directory} needs more page cache than the {format_size(result.budget)} available; "
-                   "warmed what fits, in model order", err=True)
+        click.echo(
+            f"Warning: {directory} needs more page cache than the {format_size(result.budget)} available; "
+            "warmed what fits, in model order",
+            err=True,
+        )
 
     def human() -> None:
         rate = result.bytes_read / max(result.seconds, 1e-9)
-        click.echo(f"Warmed {directory}: read {format_size(result.bytes_read)} in {result.seconds:.2f} s "
-                   f"({format_size(rate)}/s); {format_size(result.before.resident_bytes)} was already resident; "
-                   f"now {_percent(result.after)} resident")
+        click.echo(
+            f"Warmed {directory}: read {format_size(result.bytes_read)} in {result.seconds:.2f} s "
+            f"({format_size(rate)}/s); {format_size(result.before.resident_bytes)} was already resident; "
+            f"now {_percent(result.after)} resident"
+        )
 
     if not lock or not result.after.complete:
         _emit(as_json, data, human)
@@ -319,8 +339,9 @@ def warm(obj: Context, directory: Path, lock: bool, budget: str | None, threads:
     with PageLock(directory, obj.progress(as_json)) as held:
         data["locked_bytes"] = held.locked_bytes
         _emit(as_json, data, human)
-        click.echo(f"Locked {format_size(held.locked_bytes)} in memory (pid {os.getpid()}); "
-                   "Ctrl-C or SIGTERM releases it", err=True)
+        click.echo(
+            f"Locked {format_size(held.locked_bytes)} in memory (pid {os.getpid()}); Ctrl-C or SIGTERM releases it", err=True
+        )
         sys.stdout.flush()
         try:
             while True:
@@ -340,9 +361,16 @@ def status(directory: Path, as_json: bool) -> None:
     res = residency(directory)
     record = last_verification(directory)
     has_manifest = (directory / "prewarm.manifest.json").is_file()
-    verified = None if record is None else {
-        "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.verified_at)), "ok": record.ok,
-        "problems": record.problems, "manifest_changed": record.manifest_changed}
+    verified = (
+        None
+        if record is None
+        else {
+            "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.verified_at)),
+            "ok": record.ok,
+            "problems": record.problems,
+            "manifest_changed": record.manifest_changed,
+        }
+    )
     data = _residency_json(res) | {"manifest": has_manifest, "last_verification": verified}
 
     def human() -> None:
@@ -377,8 +405,7 @@ def evict(directory: Path, as_json: bool) -> None:
     data = {"before": _residency_json(before), "after": _residency_json(after)}
 
     def human() -> None:
-        click.echo(f"Evicted {directory}: {format_size(before.resident_bytes)} -> {format_size(after.resident_bytes)} "
-                   "resident")
+        click.echo(f"Evicted {directory}: {format_size(before.resident_bytes)} -> {format_size(after.resident_bytes)} resident")
         if after.resident_bytes:
             click.echo("  what stayed is mapped or locked by another process (a running engine, `warm --lock`)")
 

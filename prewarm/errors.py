@@ -16,6 +16,7 @@ class ExitCode(IntEnum):
     USAGE = 2  # bad arguments or options (click uses 2 as well)
     BAD_INPUT = 3  # the checkpoint or directory given is not what it should be
     IO = 4  # the filesystem said no: disk full, permission, missing path
+    LIMIT = 5  # a system limit is too small (RLIMIT_MEMLOCK for --lock)
     INTERRUPTED = 130
 
 

@@ -148,8 +148,12 @@ class VerificationRecord:
 
 def record_verification(report: VerifyReport) -> bool:
     """Note the result beside the manifest, for `prewarm status`; False if DIR is not writable."""
-    doc = {"verified_at": time.time(), "ok": report.ok, "problems": len(report.problems),
-           "manifest_xxh3_128": _manifest_digest(report.directory)}
+    doc = {
+        "verified_at": time.time(),
+        "ok": report.ok,
+        "problems": len(report.problems),
+        "manifest_xxh3_128": _manifest_digest(report.directory),
+    }
     try:
         write_file_atomic(report.directory / RECORD_NAME, (json.dumps(doc) + "\n").encode())
     except FilesystemError:
@@ -160,8 +164,12 @@ def record_verification(report: VerifyReport) -> bool:
 def last_verification(directory: Path) -> VerificationRecord | None:
     try:
         doc = json.loads((directory / RECORD_NAME).read_bytes())
-        return VerificationRecord(float(doc["verified_at"]), bool(doc["ok"]), int(doc["problems"]),
-                                  doc["manifest_xxh3_128"] != _manifest_digest(directory))
+        return VerificationRecord(
+            float(doc["verified_at"]),
+            bool(doc["ok"]),
+            int(doc["problems"]),
+            doc["manifest_xxh3_128"] != _manifest_digest(directory),
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prewarm.checkpoint import MANIFEST_NAME
-from prewarm.errors import FilesystemError, PrewarmError
+from prewarm.errors import ExitCode, FilesystemError, PrewarmError
 from prewarm.fsutil import os_error
 from prewarm.manifest import default_threads, list_files, read_range, thread_buffer
 from prewarm.pagecache import (
@@ -75,8 +75,11 @@ class WarmResult:
     limited_by_memory: bool  # the model did not fit: only what fits was warmed, in model order
 
 
+@dataclass
 class MemoryLockLimit(PrewarmError):
     """RLIMIT_MEMLOCK is below what locking needs."""
+
+    exit_code: ExitCode = ExitCode.LIMIT
 
 
 def serving_files(directory: Path) -> list[str]:
@@ -120,8 +123,7 @@ def default_budget() -> int:
     return max(0, available - max(available // 10, 512 * 2**20))
 
 
-def warm(directory: Path, threads: int | None = None, progress: Progress | None = None,
-         budget: int | None = None) -> WarmResult:
+def warm(directory: Path, threads: int | None = None, progress: Progress | None = None, budget: int | None = None) -> WarmResult:
     """Read every non-resident page of ``directory``'s files into the page cache, then measure."""
     progress = progress or NoProgress()
     started = time.perf_counter()
@@ -131,8 +133,12 @@ def warm(directory: Path, threads: int | None = None, progress: Progress | None 
     needed = sum(length for _, _, length in work)
     limited = needed > budget
     if limited:
-        log.info("%s needs %s more in the page cache but only %s fits: warming what fits, in model order",
-                    directory, format_size(needed), format_size(budget))
+        log.info(
+            "%s needs %s more in the page cache but only %s fits: warming what fits, in model order",
+            directory,
+            format_size(needed),
+            format_size(budget),
+        )
         work = _trim(work, budget)
     progress.start("warming", sum(length for _, _, length in work))
     with ThreadPoolExecutor(threads or default_threads(), thread_name_prefix="prewarm-warm") as pool:
@@ -207,7 +213,8 @@ def check_lock_limit(needed: int) -> None:
     raise MemoryLockLimit(
         f"locking needs {format_size(needed)} but the memory lock limit (RLIMIT_MEMLOCK) is {format_size(soft)}",
         hint=f"raise it: `ulimit -l {kib}` (or unlimited) in the shell, LimitMEMLOCK=infinity in the systemd "
-             "unit, or memlock in /etc/security/limits.conf")
+        "unit, or memlock in /etc/security/limits.conf",
+    )
 
 
 class PageLock:

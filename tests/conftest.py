@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import os
 import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,3 +39,15 @@ def no_leaked_threads() -> object:
     for t in leaked:
         t.join(timeout=5)
     assert not [t for t in leaked if t.is_alive()], f"leaked threads: {leaked}"
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A root-owned 0755 directory outside pytest's private tmp, so another user can reach it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to another user (CI and the dev machines run as root)")
+    shared = Path("/tmp") / f"prewarm-shared-{os.getpid()}"
+    shared.mkdir(mode=0o755)
+    os.chmod(shared, 0o755)
+    yield shared
+    shutil.rmtree(shared)

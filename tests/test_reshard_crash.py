@@ -111,18 +111,6 @@ def _as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A root-owned directory outside pytest's private tmp, so another user can reach it."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to drop to another user")
-    shared = Path("/tmp") / f"prewarm-perm-{os.getpid()}"
-    shared.mkdir(mode=0o755)
-    os.chmod(shared, 0o755)
-    yield shared
-    shutil.rmtree(shared)
-
-
 def test_unwritable_destination_is_one_line(tiny_model: Path, shared_dir: Path) -> None:
     src = Path(shutil.copytree(tiny_model, shared_dir / "src"))
     for f in src.iterdir():
