@@ -24,8 +24,10 @@ How things are measured:
   stay) and the output is read once by an untimed ``prewarm verify``, so the timed runs hash a
   warm page cache; residency is checked with ``fincore`` when it is installed.
 
-With ``--repeat N`` each step runs N times; the table shows the *median* wall time and the
-*largest* peak RSS of the N runs (all runs are in ``--json``). A missed target is a result,
+With ``--repeat N`` each of steps 1-3 runs N times, the order rotating each round (on a VM
+the step right after a large write - the source generation included - can be slowed by the
+host still flushing it), and each of step 4 N times; the table shows the *median* wall time
+(min-max) and the *largest* peak RSS of the N runs (all runs are in ``--json``). A missed target is a result,
 not an error: the exit code is 0 unless the benchmark itself could not run.
 """
 
@@ -167,6 +169,7 @@ def measure(cmd: Sequence[str], timeout: float | None = None, env: dict[str, str
         maxrss = usage.ru_maxrss
         if HAVE_GNU_TIME:
             lines = Path(rss_file.name).read_text().strip().splitlines()
+            maxrss = 0  # unknown: GNU time itself was killed (timeout) before it could report
             with contextlib.suppress(ValueError, IndexError):
                 maxrss = int(lines[-1])
             for line in lines:  # "Command terminated by signal 9" / "... non-zero status 3"
@@ -313,7 +316,8 @@ class Step:
 
     @property
     def rss_mb(self) -> float | None:
-        return max(r.maxrss_kib for r in self.runs) * 1024 / MB if self.runs else None
+        known = [r.maxrss_kib for r in self.runs if r.maxrss_kib]
+        return max(known) * 1024 / MB if known else None
 
     @property
     def gbps(self) -> float | None:
@@ -477,14 +481,16 @@ class Bench:
     def run(self) -> None:
         self.prepare()
         self.machine = machine_info(self.workdir)
+        if self.args.skip_transformers:
+            self.steps["transformers"] = Step("transformers", self.src_bytes, skipped="--skip-transformers")
+        steps = [self.run_cp, self.run_reshard] + ([] if self.args.skip_transformers else [self.run_transformers])
         for i in range(self.args.repeat):
-            log(f"round {i + 1} of {self.args.repeat}")
-            self.run_cp(i)
-            self.run_reshard(i)
-            if self.args.skip_transformers:
-                self.steps["transformers"] = Step("transformers", self.src_bytes, skipped="--skip-transformers")
-            else:
-                self.run_transformers(i)
+            # Rotate the order each round: on a VM the host may still be flushing what the previous
+            # step (or the source generation) wrote, which penalises whoever comes next.
+            order = steps[i % len(steps):] + steps[:i % len(steps)]
+            log(f"round {i + 1} of {self.args.repeat}: " + ", ".join(f.__name__[4:] for f in order))
+            for run_step in order:
+                run_step(i)
         self.run_verify_steps()
 
     def cleanup(self) -> None:
@@ -540,6 +546,7 @@ class Bench:
             ("b3sum", "b3sum", "sha256sum", "(info)", ""),
         ]
         header = ("step", "wall s", "GB/s", "peak RSS MB", "ratio vs base", "target", "result")
+        repeated = self.args.repeat > 1
         rows = [header]
         for label, key, base_key, target, result in rows_spec:
             step, base = self.steps.get(key), self.steps.get(base_key)
@@ -547,11 +554,15 @@ class Bench:
                 continue
             if step.skipped or step.failed:
                 why = step.skipped or step.failed.failure()  # type: ignore[union-attr]
-                rss = f"{step.rss_mb:.0f}" if step.runs else "-"
+                rss = f"{step.rss_mb:.0f}" if step.rss_mb is not None else "-"
                 rows.append((label, "-", "-", rss, "-", target, ("FAILED: " if step.failed else "skipped: ") + why))
                 continue
             ratio = (f"{step.wall / base.wall:.2f}x" if step.wall and base and base.wall else "-")
-            rows.append((label, f"{step.wall:.2f}" if step.wall else "-", f"{step.gbps:.2f}" if step.gbps else "-",
+            wall = f"{step.wall:.2f}" if step.wall else "-"
+            if repeated and step.wall:
+                walls = [r.wall_s for r in step.runs]
+                wall += f" ({min(walls):.2f}-{max(walls):.2f})"
+            rows.append((label, wall, f"{step.gbps:.2f}" if step.gbps else "-",
                          f"{step.rss_mb:.1f}" if step.rss_mb is not None else "-", ratio, target, result or "-"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
         lines = []
@@ -584,7 +595,7 @@ def print_human(report: dict[str, Any], out: Any) -> None:
     print(f"machine: {m['nproc']} CPUs ({m['cpu']}), {m['mem_total_gib']} GiB RAM, kernel {m['kernel']}, "
           f"workdir fs: {m['workdir_fs']}", file=out)
     print(f"source: {p['source_bytes'] / GB:.2f} GB synthetic Qwen2.5-7B-like (scale {p['scale']:g}); "
-          f"{p['repeat']} repeat(s), median wall, max peak RSS (MB = 10^6 B, GNU time %M)", file=out)
+          f"{p['repeat']} repeat(s): median wall (min-max), max peak RSS (MB = 10^6 B, GNU time %M)", file=out)
     cache = {k: (f"{v * 100:.0f}%" if v is not None else "n/a") for k, v in report["page_cache"].items()}
     if cache:
         print("page cache residency: " + ", ".join(f"{k} {v}" for k, v in cache.items()), file=out)
