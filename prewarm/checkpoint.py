@@ -79,7 +79,9 @@ def open_checkpoint(source: Path) -> Checkpoint:
 
 
 def _scan_directory(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
-    entries = sorted(p for p in root.iterdir() if not p.name.startswith(".") and p.is_file())
+    visible = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    entries = [p for p in visible if p.is_file()]
+    subdirectories = [p for p in visible if p.is_dir()]  # e.g. "original/" with another format's weights
     shards = [p for p in entries if p.suffix == ".safetensors"]
     if (root / INDEX_NAME).is_file():
         indexed = _index_files(root / INDEX_NAME)
@@ -97,7 +99,7 @@ def _scan_directory(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
         if p.suffix == ".safetensors" or p.name in (INDEX_NAME, MANIFEST_NAME) or p.name.endswith(".index.json"):
             continue
         (pickles if p.suffix in OTHER_WEIGHT_SUFFIXES else other).append(p)
-    return shards, other, skipped + pickles
+    return shards, other, skipped + pickles + subdirectories
 
 
 def _index_files(index_path: Path) -> set[str]:

@@ -125,10 +125,10 @@ def reshard(
     plan = plan_shards(checkpoint.tensors, checkpoint.metadata, max_shard_size)
     index = encode_index(plan)
     others = {p.name: p.stat().st_size for p in checkpoint.other_files}
-    total = sum(s.size for s in plan) + sum(others.values())
+    total = sum(s.size for s in plan) + sum(others.values()) + len(index)
     timings = {"plan": time.perf_counter() - started}
     with atomic_directory(destination) as temp, _Writer(temp, progress) as writer:
-        check_free_space(temp, total + len(index))
+        check_free_space(temp, total)
         progress.start("resharding", total)
         for i, shard in enumerate(plan):
             ranges = [(t.file, t.info.begin, t.info.nbytes) for t in shard.tensors]

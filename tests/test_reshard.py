@@ -296,7 +296,8 @@ def test_pickles_and_unindexed_shards_are_not_copied(model_copy: Path, tmp_path:
     (model_copy / "pytorch_model.bin").write_bytes(b"pickle")
     (model_copy / "consolidated.safetensors").write_bytes(b"not even read")
     (model_copy / ".hidden").write_text("x")
+    (model_copy / "original").mkdir()
     result = reshard(model_copy, tmp_path / "dst")
-    assert set(result.skipped_files) == {"pytorch_model.bin", "consolidated.safetensors"}
+    assert set(result.skipped_files) == {"pytorch_model.bin", "consolidated.safetensors", "original"}
     assert not {"pytorch_model.bin", "consolidated.safetensors", ".hidden"} & set(listing(tmp_path / "dst"))
     assert os.stat(tmp_path / "dst" / "config.json").st_size == os.stat(model_copy / "config.json").st_size
