@@ -211,7 +211,8 @@ def reshard(obj: Context, source: Path, destination: Path, max_size: str, as_jso
         if result.copied_files:
             click.echo(f"  copied: {', '.join(result.copied_files)}")
         if result.skipped_files:
-            click.echo(f"  not copied (other weight formats, unindexed shards, subdirectories): {', '.join(result.skipped_files)}")
+            skipped = ", ".join(result.skipped_files)
+            click.echo(f"  not copied (other weight formats, unindexed shards, subdirectories): {skipped}")
 
     _emit(as_json, data, human)
 

@@ -21,6 +21,7 @@ from prewarm.fsutil import os_error
 from prewarm.manifest import default_threads, list_files, read_range, thread_buffer
 from prewarm.pagecache import (
     PAGE_SIZE,
+    FileShrank,
     Mapping,
     evict_file,
     lock_mapping,
@@ -28,6 +29,7 @@ from prewarm.pagecache import (
     mapped,
     missing_ranges,
     pages,
+    populate,
     residency_vector,
     resident_bytes,
     unlock_mapping,
@@ -36,7 +38,7 @@ from prewarm.progress import NoProgress, Progress
 from prewarm.units import format_size
 
 log = logging.getLogger(__name__)
-READ_PIECE = 16 * 2**20
+READ_PIECE = 64 * 2**20  # measured: 2 threads x 64 MiB beat 16 MiB and 256 MiB pieces here
 _CAP_IPC_LOCK = 14  # capabilities(7): lets a process lock memory past RLIMIT_MEMLOCK
 
 
@@ -177,7 +179,12 @@ def _read_piece(directory: Path, item: tuple[str, int, int], progress: Progress)
     except FileNotFoundError:
         raise FilesystemError("disappeared while being warmed", str(path)) from None
     try:
-        got = read_range(fd, offset, length, thread_buffer(min(length, READ_PIECE)), lambda view: None)
+        if populate(fd, offset, length):
+            got = length
+        else:
+            got = read_range(fd, offset, length, thread_buffer(min(length, 16 * 2**20)), lambda view: None)
+    except FileShrank:
+        got = 0
     finally:
         os.close(fd)
     progress.advance(length)
