@@ -184,18 +184,27 @@ _threads = click.option("--threads", type=click.IntRange(1, 256), default=None, 
     metavar="SIZE",
     help="Largest file to write, header included: 5GB, 4.5GiB, 500MB or bytes.",
 )
+@click.option("--revision", default="main", show_default=True, help="With a hub repo id as SOURCE: what to fetch.")
 @_json_flag
 @click.pass_obj
-def reshard(obj: Context, source: Path, destination: Path, max_size: str, as_json: bool) -> None:
+def reshard(obj: Context, source: Path, destination: Path, max_size: str, revision: str, as_json: bool) -> None:
     """Rewrite the checkpoint SOURCE as shards of at most SIZE in the new directory DESTINATION.
 
     SOURCE is a model directory (shards with or without model.safetensors.index.json, or one
-    model.safetensors) or a single .safetensors file. DESTINATION gets the shards, the index,
-    the model's other files and prewarm.manifest.json, all at once or not at all.
+    model.safetensors), a single .safetensors file, or a hub repo id (owner/name), fetched first.
+    DESTINATION gets the shards, the index, the model's other files and prewarm.manifest.json,
+    all at once or not at all.
     """
+    from prewarm.fetch import REPO_ID, fetch
     from prewarm.reshard import reshard as run
 
-    result = run(source, destination, parse_size(max_size), obj.progress(as_json))
+    limit = parse_size(max_size)
+    source_info = None
+    if not source.exists() and REPO_ID.fullmatch(str(source)):
+        fetched = fetch(str(source), revision, progress=obj.progress(as_json))
+        _say_fetched(fetched)
+        source, source_info = fetched.directory, fetched.source_info()
+    result = run(source, destination, limit, obj.progress(as_json), source_info)
     data = dataclasses.asdict(result) | {"destination": str(result.destination)}
     data["shards"] = [{"file": n, "bytes": b, "tensors": t} for n, b, t in result.shards]
 
@@ -215,6 +224,67 @@ def reshard(obj: Context, source: Path, destination: Path, max_size: str, as_jso
             click.echo(f"  not copied (other weight formats, unindexed shards, subdirectories): {skipped}")
 
     _emit(as_json, data, human)
+
+
+@main.command()
+@click.argument("repo_id")
+@click.option("--revision", default="main", show_default=True, help="Branch, tag or commit to fetch.")
+@click.option(
+    "--dest",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Directory to fetch into (default: $PREWARM_CACHE/hub/OWNER--NAME/COMMIT).",
+)
+@click.option(
+    "--include",
+    multiple=True,
+    metavar="GLOB",
+    help="Files to fetch (repeatable). Default: safetensors weights, JSON configs, tokenizer files, chat "
+    "template, generation config. Pickled weights (*.bin, *.pt, *.pth) are never fetched unless named "
+    "here: loading a pickle can run arbitrary code.",
+)
+@_json_flag
+@click.pass_obj
+def fetch(obj: Context, repo_id: str, revision: str, dest: Path | None, include: tuple[str, ...], as_json: bool) -> None:
+    """Download REPO_ID from the Hugging Face hub, pinned to the commit REVISION resolves to.
+
+    Downloads only what is missing or damaged, resumes partial files, checks every file against
+    the hub's size and sha256 (or git blob id) before use, and works offline from what it has
+    (HF_HUB_OFFLINE=1 or no connection). Honours HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE.
+    """
+    from prewarm.fetch import fetch as run
+
+    result = run(repo_id, revision, dest, include or None, obj.progress(as_json))
+    data = {
+        "repo_id": result.repo_id,
+        "revision": result.revision,
+        "commit": result.commit,
+        "directory": str(result.directory),
+        "files": [f.name for f in result.files],
+        "downloaded": list(result.downloaded),
+        "bytes_downloaded": result.bytes_downloaded,
+        "offline_reason": result.offline_reason,
+        "skipped_pickles": list(result.skipped_pickles),
+        "seconds": round(result.seconds, 3),
+    }
+    _emit(as_json, data, lambda: _say_fetched(result, err=False))
+
+
+def _say_fetched(result: Any, err: bool = True) -> None:
+    what = (
+        f"downloaded {len(result.downloaded)} files ({format_size(result.bytes_downloaded)})"
+        if result.downloaded
+        else "nothing to download"
+    )
+    click.echo(
+        f"{result.repo_id}@{result.revision} = {result.commit} in {result.directory}: "
+        f"{len(result.files)} files, {what}, {result.seconds:.2f} s",
+        err=err,
+    )
+    if result.offline_reason:
+        click.echo(f"  offline ({result.offline_reason}): using the files fetched before, checked by size", err=err)
+    if result.skipped_pickles:
+        click.echo(f"  not fetched (pickles; name them with --include to fetch): {', '.join(result.skipped_pickles)}", err=err)
 
 
 @main.command()

@@ -13,9 +13,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_prewarm(*args: str | Path, check: bool = False, timeout: float = 300, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+def run_prewarm(
+    *args: str | Path, check: bool = False, timeout: float = 300, env: dict[str, str] | None = None, **kwargs: Any
+) -> subprocess.CompletedProcess[str]:
     """The real `prewarm` CLI in a subprocess, as a user would run it."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**(os.environ if env is None else env), "PYTHONPATH": str(ROOT)}
     env.pop("PREWARM_DEBUG", None)
     proc = subprocess.run(
         [sys.executable, "-m", "prewarm", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env, **kwargs

@@ -1,0 +1,206 @@
+"""A small Hugging Face hub on loopback, speaking the protocol huggingface_hub uses.
+
+Endpoints: ``GET /api/models/{repo}[/revision/{rev}]`` (model info, with ``blobs=True`` sizes,
+LFS sha256 and git blob ids) and ``GET|HEAD /{repo}/resolve/{rev}/{path}`` (the file, with
+``ETag``, ``X-Repo-Commit``, ``Content-Length`` and byte ``Range`` support). Errors carry the
+``X-Error-Code`` header the client maps to its exceptions. Knobs let a test cut a connection,
+corrupt a file, slow a download, or gate a repo behind a token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+LFS_SUFFIXES = (".safetensors", ".bin")
+
+
+def git_blob_id(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
+
+
+@dataclass
+class Repo:
+    commits: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    refs: dict[str, str] = field(default_factory=dict)
+    gated_token: str | None = None  # if set, only this bearer token may read
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]  # names lower-cased
+
+
+class Hub:
+    def __init__(self) -> None:
+        self.repos: dict[str, Repo] = {}
+        self.requests: list[Request] = []
+        self.cut_after: dict[str, int] = {}  # file name -> bytes to send before dropping the connection (once)
+        self.corrupt: set[str] = set()  # file names served with one byte flipped
+        self.bytes_per_second: dict[str, int] = {}
+        self.lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def start(self) -> Hub:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+    def add_commit(self, repo_id: str, directory: Path, commit: str, refs: tuple[str, ...] = ("main",)) -> None:
+        files = {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+        repo = self.repos.setdefault(repo_id, Repo())
+        repo.commits[commit] = files
+        for ref in refs:
+            repo.refs[ref] = commit
+
+    def file_requests(self, name: str) -> list[Request]:
+        return [r for r in self.requests if r.method == "GET" and r.path.endswith("/" + name)]
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_HEAD(self) -> None:
+                self._route(head=True)
+
+            def do_GET(self) -> None:
+                self._route(head=False)
+
+            def _route(self, head: bool) -> None:
+                path = unquote(urlsplit(self.path).path)
+                with hub.lock:
+                    hub.requests.append(Request(self.command, path, {k.lower(): v for k, v in self.headers.items()}))
+                info = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/(.+))?", path)
+                resolve = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+                if info:
+                    self._model_info(info.group(1), info.group(2) or "main")
+                elif resolve:
+                    self._file(resolve.group(1), resolve.group(2), resolve.group(3), head)
+                else:
+                    self._error(404, "EntryNotFound", "no such endpoint")
+
+            def _repo_commit(self, repo_id: str, revision: str) -> tuple[Repo, str] | None:
+                repo = hub.repos.get(repo_id)
+                if repo is None:
+                    self._error(401, "RepoNotFound", "Repository not found")
+                    return None
+                if repo.gated_token and self.headers.get("Authorization") != f"Bearer {repo.gated_token}":
+                    self._error(401, "GatedRepo", "Access to model is restricted")
+                    return None
+                commit = repo.refs.get(revision, revision if revision in repo.commits else None)
+                if commit is None:
+                    self._error(404, "RevisionNotFound", "Invalid rev id")
+                    return None
+                return repo, commit
+
+            def _model_info(self, repo_id: str, revision: str) -> None:
+                found = self._repo_commit(repo_id, revision)
+                if found is None:
+                    return
+                repo, commit = found
+                siblings = []
+                for name, data in sorted(repo.commits[commit].items()):
+                    entry: dict[str, object] = {"rfilename": name, "size": len(data), "blobId": git_blob_id(data)}
+                    if name.endswith(LFS_SUFFIXES):
+                        entry["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+                    siblings.append(entry)
+                body = json.dumps(
+                    {
+                        "_id": repo_id,
+                        "id": repo_id,
+                        "modelId": repo_id,
+                        "sha": commit,
+                        "private": False,
+                        "gated": "manual" if repo.gated_token else False,
+                        "disabled": False,
+                        "downloads": 0,
+                        "likes": 0,
+                        "tags": [],
+                        "siblings": siblings,
+                        "lastModified": "2026-11-28T00:00:00.000Z",
+                    }
+                ).encode()
+                self._send(200, {"Content-Type": "application/json", "X-Repo-Commit": commit}, body, False)
+
+            def _file(self, repo_id: str, revision: str, name: str, head: bool) -> None:
+                found = self._repo_commit(repo_id, revision)
+                if found is None:
+                    return
+                repo, commit = found
+                data = repo.commits[commit].get(name)
+                if data is None:
+                    self._error(404, "EntryNotFound", "Entry not found")
+                    return
+                etag = hashlib.sha256(data).hexdigest() if name.endswith(LFS_SUFFIXES) else git_blob_id(data)
+                if name in hub.corrupt:
+                    data = bytes([data[0] ^ 0xFF]) + data[1:]
+                headers = {
+                    "ETag": f'"{etag}"',
+                    "X-Repo-Commit": commit,
+                    "Accept-Ranges": "bytes",
+                    "Content-Type": "application/octet-stream",
+                }
+                start = 0
+                ranged = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+                if ranged:
+                    start = int(ranged.group(1))
+                    headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+                self._send(206 if ranged else 200, headers, data[start:], head, name)
+
+            def _error(self, status: int, code: str, message: str) -> None:
+                body = json.dumps({"error": message}).encode()
+                self._send(
+                    status, {"X-Error-Code": code, "X-Error-Message": message, "Content-Type": "application/json"}, body, False
+                )
+
+            def _send(self, status: int, headers: dict[str, str], body: bytes, head: bool, name: str = "") -> None:
+                self.send_response(status)
+                for key, value in {**headers, "Content-Length": str(len(body))}.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                if head:
+                    return
+                with hub.lock:
+                    cut = hub.cut_after.pop(name, None)
+                rate = hub.bytes_per_second.get(name)
+                payload = body if cut is None else body[:cut]
+                step = max(1, rate // 20) if rate else 1 << 20
+                try:
+                    for i in range(0, len(payload), step):
+                        self.wfile.write(payload[i : i + step])
+                        if rate:
+                            self.wfile.flush()
+                            time.sleep(step / rate)
+                    self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True
+                    return
+                if cut is not None:
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+
+        return Handler
