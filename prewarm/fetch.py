@@ -12,14 +12,16 @@ second run re-hashes nothing.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import fnmatch
 import hashlib
 import importlib
 import json
+import logging
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,9 +34,11 @@ from prewarm.progress import NoProgress, Progress
 DEFAULT_INCLUDE = ("*.safetensors", "*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "tokenizer*", "*.py")
 PICKLE_PATTERNS = ("*.bin", "*.pth", "*.pt", "*.ckpt", "*.pkl", "*.pickle")
 RECORD_NAME = ".prewarm-fetch.json"
+LOCK_NAME = ".prewarm-fetch.lock"
 PARTIAL_DIR = ".prewarm-partial"
 _COMMIT_LENGTH = 40
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+log = logging.getLogger(__name__)
 _RESUME_HINT = "run the same command again: it resumes where it stopped"
 
 
@@ -113,15 +117,16 @@ def fetch(
     wanted, pickles = select_files([f.name for f in remote], include)
     files = tuple(f for f in remote if f.name in wanted)
     directory = destination or default_destination(repo_id, commit)
-    downloaded, nbytes = _download_missing(repo_id, commit, directory, files, progress)
-    record = {
-        "repo_id": repo_id,
-        "revision": revision,
-        "commit": commit,
-        "fetched_at": time.time(),
-        "files": {f.name: _file_record(directory / f.name, f) for f in files},
-    }
-    write_file_atomic(directory / RECORD_NAME, (json.dumps(record, indent=1) + "\n").encode())
+    with _exclusive(directory):
+        downloaded, nbytes = _download_missing(repo_id, commit, directory, files, progress)
+        record = {
+            "repo_id": repo_id,
+            "revision": revision,
+            "commit": commit,
+            "fetched_at": time.time(),
+            "files": {f.name: _file_record(directory / f.name, f) for f in files},
+        }
+        write_file_atomic(directory / RECORD_NAME, (json.dumps(record, indent=1) + "\n").encode())
     return FetchResult(
         repo_id,
         revision,
@@ -185,6 +190,9 @@ def _remote_files(repo_id: str, revision: str) -> tuple[str, list[RemoteFile]]:
         raise _Unreachable(f"cannot reach {endpoint}: {type(exc).__name__}") from exc
     except HfHubHTTPError as exc:
         raise HubError(f"the hub answered {exc.response.status_code} for {repo_id}") from None
+    unsafe = [s.rfilename for s in info.siblings or [] if not _safe_name(s.rfilename)]
+    if unsafe:
+        raise HubError(f"{repo_id} lists a file name that would land outside the destination: {unsafe[0]!r}")
     files = [
         RemoteFile(s.rfilename, int(s.size or 0), s.lfs.sha256 if s.lfs else None, None if s.lfs else s.blob_id)
         for s in info.siblings or []
@@ -192,6 +200,30 @@ def _remote_files(repo_id: str, revision: str) -> tuple[str, list[RemoteFile]]:
     if not info.sha:
         raise HubError(f"the hub did not say which commit {revision!r} of {repo_id} is")
     return info.sha, files
+
+
+@contextlib.contextmanager
+def _exclusive(directory: Path) -> Iterator[None]:
+    """One fetch at a time per directory (flock(2)): two would append to the same partial files."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise os_error(exc, directory) from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("another prewarm fetch is writing %s; waiting for it", directory)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _safe_name(name: str) -> bool:
+    parts = name.split("/")
+    return bool(name) and not name.startswith("/") and all(p not in ("", ".", "..") for p in parts)
 
 
 def _download_missing(

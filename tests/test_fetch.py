@@ -245,3 +245,22 @@ def test_not_enough_space_is_said_before_downloading(env: dict[str, str], tmp_pa
         assert_clean_failure(proc, 4, "needs 3.4", "is free")
     finally:
         subprocess.run(["umount", str(point)], check=False)
+
+
+def test_a_file_name_escaping_the_destination_is_refused(env: dict[str, str], hub: Hub, tmp_path: Path) -> None:
+    hub.repos[REPO].commits[NEW]["../../escaped.json"] = b"{}"
+    assert_clean_failure(fetch(env, ok=False), 3, "would land outside the destination", "../../escaped.json")
+    assert not list(tmp_path.rglob("escaped.json"))
+
+
+def test_two_fetches_into_one_directory_take_turns(env: dict[str, str], hub: Hub, big_repo: Path) -> None:
+    hub.bytes_per_second["model.safetensors"] = 16 * 2**20
+    runs = [subprocess.Popen([sys.executable, "-m", "prewarm", "fetch", "Qwen/Big", "--json"], text=True,
+                             env={**env, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for _ in range(2)]
+    outputs = [run.communicate(timeout=120) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    assert sum("waiting for it" in err for _, err in outputs) == 1
+    assert sorted(len(json.loads(out)["downloaded"]) for out, _ in outputs) == [0, 1], "the second found it done"
+    directory = Path(json.loads(outputs[0][0])["directory"])
+    assert (directory / "model.safetensors").read_bytes() == big_repo.read_bytes()
