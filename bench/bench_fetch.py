@@ -99,19 +99,29 @@ def run_steps(work: Path, env: dict[str, str], total: int) -> dict[str, Step]:
 
 def report(args: argparse.Namespace, steps: dict[str, Step], total: int, work: Path) -> None:
     present = steps["prewarm fetch (all present)"]
-    targets = [check_target("second run with everything present < 1 s (wall)", present.wall, 1.0, False, " s",
-                            "the run failed")]
+    targets = [check_target("second run with everything present < 1 s (wall)", present.wall, 1.0, False, " s", "the run failed")]
     rows = [["step", "wall s", "GB/s", "peak RSS MB"]]
     for step in steps.values():
-        rows.append([step.name, f"{step.wall:.2f}" if step.wall else step.failed.failure() if step.failed else "-",
-                     f"{step.gbps:.2f}" if step.gbps and step.bytes else "-",
-                     f"{step.rss_mb:.1f}" if step.rss_mb else "-"])
+        rows.append(
+            [
+                step.name,
+                f"{step.wall:.2f}" if step.wall else step.failed.failure() if step.failed else "-",
+                f"{step.gbps:.2f}" if step.gbps and step.bytes else "-",
+                f"{step.rss_mb:.1f}" if step.rss_mb else "-",
+            ]
+        )
     machine = machine_info(work)
-    result: dict[str, Any] = {"scale": args.scale, "bytes": total, "machine": machine,
-                              "steps": [s.summary() for s in steps.values()], "targets": targets}
+    result: dict[str, Any] = {
+        "scale": args.scale,
+        "bytes": total,
+        "machine": machine,
+        "steps": [s.summary() for s in steps.values()],
+        "targets": targets,
+    }
     table = markdown_table(rows, right=(1, 2, 3))
     text = f"{total / 1e9:.2f} GB synthetic checkpoint, served from loopback\n\n{table}\n\n" + "\n".join(
-        f"{t['status']:<5} {t['target']}: {t['detail']}" for t in targets)
+        f"{t['status']:<5} {t['target']}: {t['detail']}" for t in targets
+    )
     print(text, file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(result, indent=1, default=str))

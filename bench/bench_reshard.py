@@ -134,8 +134,10 @@ class Bench:
         free = shutil.disk_usage(self.workdir).free
         needed = 2 * self.src_bytes + 512 * MB  # the kept prewarm output plus one other output
         if free < needed:
-            raise SystemExit(f"not enough free space in {self.workdir}: {free / GB:.1f} GB free, "
-                             f"{needed / GB:.1f} GB needed besides the source")
+            raise SystemExit(
+                f"not enough free space in {self.workdir}: {free / GB:.1f} GB free, "
+                f"{needed / GB:.1f} GB needed besides the source"
+            )
 
     def before_timed_run(self, warm_source: bool = True) -> None:
         if warm_source:
@@ -152,11 +154,13 @@ class Bench:
         remove(self.out_cp)
         self.before_timed_run()
         self.cache.setdefault("source_cached_before_cp", cached_fraction(dir_files(self.src)))
-        script = ('set -e; cp -r "$1" "$2"; sync -- "$2"/* "$2" "$(dirname "$2")"')
+        script = 'set -e; cp -r "$1" "$2"; sync -- "$2"/* "$2" "$(dirname "$2")"'
         run = measure(["bash", "-c", script, "bench-cp", str(self.src), str(self.out_cp)])
         step.runs.append(run)
-        log(f"  cp -r + sync #{i + 1}: {run.wall_s:.2f} s, {run.maxrss_kib / 1024:.1f} MiB"
-            + ("" if run.ok else f" FAILED: {run.failure()}"))
+        log(
+            f"  cp -r + sync #{i + 1}: {run.wall_s:.2f} s, {run.maxrss_kib / 1024:.1f} MiB"
+            + ("" if run.ok else f" FAILED: {run.failure()}")
+        )
         remove(self.out_cp)
 
     def run_reshard(self, i: int) -> None:
@@ -170,9 +174,11 @@ class Bench:
             run.extra.update(timings=result["timings"], shards=result["shards"])
         step.runs.append(run)
         t = run.extra.get("timings", {})
-        log(f"  prewarm reshard #{i + 1}: {run.wall_s:.2f} s, {run.maxrss_kib / 1024:.1f} MiB "
+        log(
+            f"  prewarm reshard #{i + 1}: {run.wall_s:.2f} s, {run.maxrss_kib / 1024:.1f} MiB "
             f"(internal: plan {t.get('plan', 0):.2f} s, copy {t.get('copy', 0):.1f} s, sync {t.get('sync', 0):.1f} s)"
-            + ("" if run.ok else f" FAILED: {run.failure()}"))
+            + ("" if run.ok else f" FAILED: {run.failure()}")
+        )
         # the last repeat's output stays for the verify step
 
     def run_transformers(self, i: int) -> None:
@@ -183,21 +189,31 @@ class Bench:
         remove(self.out_tf)
         self.before_timed_run()
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-        run = measure([sys.executable, "-c", TRANSFORMERS_SNIPPET, str(self.src), str(self.out_tf)],
-                      timeout=self.args.transformers_timeout, env=env)
+        run = measure(
+            [sys.executable, "-c", TRANSFORMERS_SNIPPET, str(self.src), str(self.out_tf)],
+            timeout=self.args.transformers_timeout,
+            env=env,
+        )
         with contextlib.suppress(ValueError, IndexError):
             run.extra.update(json.loads(run.stdout.strip().splitlines()[-1]))
         step.runs.append(run)
         if run.ok:
             # what the copy floor and prewarm include: making the written files durable
             synced = measure(["bash", "-c", 'sync -- "$1"/* "$1" "$(dirname "$1")"', "bench-sync", str(self.out_tf)])
-            total = Run(run.cmd + " ; sync", run.wall_s + synced.wall_s, max(run.maxrss_kib, synced.maxrss_kib),
-                        synced.returncode, extra={"sync_s": synced.wall_s})
+            total = Run(
+                run.cmd + " ; sync",
+                run.wall_s + synced.wall_s,
+                max(run.maxrss_kib, synced.maxrss_kib),
+                synced.returncode,
+                extra={"sync_s": synced.wall_s},
+            )
             step_sync.runs.append(total)
             e = run.extra
-            log(f"  transformers #{i + 1}: {run.wall_s:.2f} s (import {e.get('import_s', 0):.1f}, "
+            log(
+                f"  transformers #{i + 1}: {run.wall_s:.2f} s (import {e.get('import_s', 0):.1f}, "
                 f"load {e.get('load_s', 0):.1f}, save {e.get('save_s', 0):.1f}) + sync {synced.wall_s:.2f} s, "
-                f"{run.maxrss_kib / 1024:.0f} MiB")
+                f"{run.maxrss_kib / 1024:.0f} MiB"
+            )
         else:
             log(f"  transformers #{i + 1}: FAILED: {run.failure()}")
             step_sync.skipped = "transformers failed"
@@ -235,24 +251,26 @@ class Bench:
                 if name == "verify":
                     with contextlib.suppress(ValueError, KeyError):
                         result = json.loads(run.stdout)
-                        run.extra.update(ok=result["ok"], internal_s=result["seconds"],
-                                         bytes_checked=result["bytes_checked"])
+                        run.extra.update(ok=result["ok"], internal_s=result["seconds"], bytes_checked=result["bytes_checked"])
                 self.step(name, nbytes).runs.append(run)
-                log(f"  {name} #{i + 1}: {run.wall_s:.2f} s ({nbytes / run.wall_s / GB:.2f} GB/s), "
-                    f"{run.maxrss_kib / 1024:.1f} MiB" + ("" if run.ok else f" FAILED: {run.failure()}"))
+                log(
+                    f"  {name} #{i + 1}: {run.wall_s:.2f} s ({nbytes / run.wall_s / GB:.2f} GB/s), "
+                    f"{run.maxrss_kib / 1024:.1f} MiB" + ("" if run.ok else f" FAILED: {run.failure()}")
+                )
         self.cache["output_cached_after_verify"] = cached_fraction(files)
 
     def run(self) -> None:
         self.prepare()
-        self.machine = machine_info(self.workdir, tools=("cp", "sha256sum", "b3sum"),
-                                    dists=("prewarm", "xxhash", "torch", "transformers", "safetensors"))
+        self.machine = machine_info(
+            self.workdir, tools=("cp", "sha256sum", "b3sum"), dists=("prewarm", "xxhash", "torch", "transformers", "safetensors")
+        )
         if self.args.skip_transformers:
             self.steps["transformers"] = Step("transformers", self.src_bytes, skipped="--skip-transformers")
         steps = [self.run_cp, self.run_reshard] + ([] if self.args.skip_transformers else [self.run_transformers])
         for i in range(self.args.repeat):
             # Rotate the order each round: on a VM the host may still be flushing what the previous
             # step (or the source generation) wrote, which penalises whoever comes next.
-            order = steps[i % len(steps):] + steps[:i % len(steps)]
+            order = steps[i % len(steps) :] + steps[: i % len(steps)]
             log(f"round {i + 1} of {self.args.repeat}: " + ", ".join(f.__name__[4:] for f in order))
             for run_step in order:
                 run_step(i)
@@ -277,20 +295,32 @@ class Bench:
         tf_missing = (tf.skipped or (tf.failed.failure() if tf.failed else "")) if tf else "not run"
         return [
             check("reshard wall <= 1.25x (cp -r + sync)", ratio_cp, RESHARD_VS_CP_MAX, False, "x", "not measured"),
-            check("reshard >= 3x faster than transformers", speedup, RESHARD_VS_TRANSFORMERS_MIN, True, "x",
-                  f"transformers: {tf_missing}"),
-            check("reshard peak RSS < 300 MB", rs.rss_mb if rs and rs.runs else None, RESHARD_RSS_MAX_MB, False,
-                  " MB", "not measured"),
-            check("prewarm verify >= 3 GB/s (warm cache)", vf.gbps if vf else None, VERIFY_MIN_GBPS, True, " GB/s",
-                  "not measured"),
+            check(
+                "reshard >= 3x faster than transformers",
+                speedup,
+                RESHARD_VS_TRANSFORMERS_MIN,
+                True,
+                "x",
+                f"transformers: {tf_missing}",
+            ),
+            check(
+                "reshard peak RSS < 300 MB",
+                rs.rss_mb if rs and rs.runs else None,
+                RESHARD_RSS_MAX_MB,
+                False,
+                " MB",
+                "not measured",
+            ),
+            check(
+                "prewarm verify >= 3 GB/s (warm cache)", vf.gbps if vf else None, VERIFY_MIN_GBPS, True, " GB/s", "not measured"
+            ),
         ]
 
     def table(self, targets: list[dict[str, Any]]) -> str:
         status = {t["target"]: t["status"] for t in targets}
         t_cp, t_tf, t_rss, t_vf = (t["target"] for t in targets)
         reshard_status = [status[t_cp], status[t_tf], status[t_rss]]
-        reshard_overall = ("MISS" if "MISS" in reshard_status
-                           else "PASS" if all(s == "PASS" for s in reshard_status) else "PASS*")
+        reshard_overall = "MISS" if "MISS" in reshard_status else "PASS" if all(s == "PASS" for s in reshard_status) else "PASS*"
         rows_spec = [
             ("cp -r + sync (floor)", "cp", "cp", "baseline", ""),
             ("prewarm reshard", "reshard", "cp", "<=1.25x cp; 3x tf; <300MB", reshard_overall),
@@ -313,13 +343,22 @@ class Bench:
                 rss = f"{step.rss_mb:.0f}" if step.rss_mb is not None else "-"
                 rows.append((label, "-", "-", rss, "-", target, ("FAILED: " if step.failed else "skipped: ") + why))
                 continue
-            ratio = (f"{step.wall / base.wall:.2f}x" if step.wall and base and base.wall else "-")
+            ratio = f"{step.wall / base.wall:.2f}x" if step.wall and base and base.wall else "-"
             wall = f"{step.wall:.2f}" if step.wall else "-"
             if repeated and step.wall:
                 walls = [r.wall_s for r in step.runs]
                 wall += f" ({min(walls):.2f}-{max(walls):.2f})"
-            rows.append((label, wall, f"{step.gbps:.2f}" if step.gbps else "-",
-                         f"{step.rss_mb:.1f}" if step.rss_mb is not None else "-", ratio, target, result or "-"))
+            rows.append(
+                (
+                    label,
+                    wall,
+                    f"{step.gbps:.2f}" if step.gbps else "-",
+                    f"{step.rss_mb:.1f}" if step.rss_mb is not None else "-",
+                    ratio,
+                    target,
+                    result or "-",
+                )
+            )
         widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
         lines = []
         for n, row in enumerate(rows):
@@ -335,8 +374,13 @@ class Bench:
         return {
             "command": shlex.join([sys.executable, *sys.argv]),
             "machine": self.machine,
-            "params": {"scale": self.args.scale, "repeat": self.args.repeat, "source": str(self.src),
-                       "source_bytes": self.src_bytes, "statistic": "median wall time, max peak RSS over repeats"},
+            "params": {
+                "scale": self.args.scale,
+                "repeat": self.args.repeat,
+                "source": str(self.src),
+                "source_bytes": self.src_bytes,
+                "statistic": "median wall time, max peak RSS over repeats",
+            },
             "page_cache": self.cache,
             "steps": {name: step.summary() for name, step in self.steps.items()},
             "targets": targets,
@@ -348,10 +392,16 @@ class Bench:
 def print_human(report: dict[str, Any], out: Any) -> None:
     m, p = report["machine"], report["params"]
     print(f"\nprewarm reshard/verify benchmark, {m['date']}", file=out)
-    print(f"machine: {m['nproc']} CPUs ({m['cpu']}), {m['mem_total_gib']} GiB RAM, kernel {m['kernel']}, "
-          f"workdir fs: {m['workdir_fs']}", file=out)
-    print(f"source: {p['source_bytes'] / GB:.2f} GB synthetic Qwen2.5-7B-like (scale {p['scale']:g}); "
-          f"{p['repeat']} repeat(s): median wall (min-max), max peak RSS (MB = 10^6 B, GNU time %M)", file=out)
+    print(
+        f"machine: {m['nproc']} CPUs ({m['cpu']}), {m['mem_total_gib']} GiB RAM, kernel {m['kernel']}, "
+        f"workdir fs: {m['workdir_fs']}",
+        file=out,
+    )
+    print(
+        f"source: {p['source_bytes'] / GB:.2f} GB synthetic Qwen2.5-7B-like (scale {p['scale']:g}); "
+        f"{p['repeat']} repeat(s): median wall (min-max), max peak RSS (MB = 10^6 B, GNU time %M)",
+        file=out,
+    )
     cache = {k: (f"{v * 100:.0f}%" if v is not None else "n/a") for k, v in report["page_cache"].items()}
     if cache:
         print("page cache residency: " + ", ".join(f"{k} {v}" for k, v in cache.items()), file=out)
@@ -359,20 +409,29 @@ def print_human(report: dict[str, Any], out: Any) -> None:
     rs = steps.get("reshard", {}).get("runs", [])
     if rs and rs[-1].get("extra", {}).get("timings"):
         t = rs[-1]["extra"]["timings"]
-        print(f"reshard internal timings (last run): plan {t['plan']:.2f} s, copy {t['copy']:.2f} s, "
-              f"fsync wait after copy {t['sync']:.2f} s, total {t['total']:.2f} s", file=out)
+        print(
+            f"reshard internal timings (last run): plan {t['plan']:.2f} s, copy {t['copy']:.2f} s, "
+            f"fsync wait after copy {t['sync']:.2f} s, total {t['total']:.2f} s",
+            file=out,
+        )
     tf = steps.get("transformers", {}).get("runs", [])
     if tf and tf[-1].get("extra", {}).get("load_s") is not None:
         e = tf[-1]["extra"]
         al = e.get("after_load", {})
-        print(f"transformers phases (last run): import {e['import_s']:.1f} s, load {e['load_s']:.1f} s, "
-              f"save {e['save_s']:.1f} s; after load RssAnon {al.get('RssAnon_kib', 0) / 1024:.0f} MiB, "
-              f"RssFile {al.get('RssFile_kib', 0) / 1024:.0f} MiB", file=out)
+        print(
+            f"transformers phases (last run): import {e['import_s']:.1f} s, load {e['load_s']:.1f} s, "
+            f"save {e['save_s']:.1f} s; after load RssAnon {al.get('RssAnon_kib', 0) / 1024:.0f} MiB, "
+            f"RssFile {al.get('RssFile_kib', 0) / 1024:.0f} MiB",
+            file=out,
+        )
     vf = steps.get("verify", {}).get("runs", [])
     if vf and vf[-1].get("extra", {}).get("internal_s"):
         e = vf[-1]["extra"]
-        print(f"prewarm verify (last run): its own timer {e['internal_s']:.2f} s for {e['bytes_checked'] / GB:.2f} GB "
-              f"({e['bytes_checked'] / e['internal_s'] / GB:.2f} GB/s without interpreter start-up)", file=out)
+        print(
+            f"prewarm verify (last run): its own timer {e['internal_s']:.2f} s for {e['bytes_checked'] / GB:.2f} GB "
+            f"({e['bytes_checked'] / e['internal_s'] / GB:.2f} GB/s without interpreter start-up)",
+            file=out,
+        )
     print("\n" + report["table"] + "\n", file=out)
     print("targets:", file=out)
     for t in report["targets"]:
@@ -382,14 +441,19 @@ def print_human(report: dict[str, Any], out: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=float, default=1.0, help="shrink the checkpoint (1.0 = ~15.2 GB)")
-    parser.add_argument("--workdir", type=Path, default=REPO / "bench-data",
-                        help="where the source and outputs go (default: %(default)s)")
+    parser.add_argument(
+        "--workdir", type=Path, default=REPO / "bench-data", help="where the source and outputs go (default: %(default)s)"
+    )
     parser.add_argument("--skip-transformers", action="store_true", help="skip the from_pretrained/save_pretrained step")
-    parser.add_argument("--transformers-timeout", type=float, default=3600.0, metavar="SECONDS",
-                        help="kill the transformers step after this long (default: %(default)s)")
+    parser.add_argument(
+        "--transformers-timeout",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="kill the transformers step after this long (default: %(default)s)",
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable results on stdout (log on stderr)")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each step; median wall is reported")
     parser.add_argument("--keep", action="store_true", help="keep the source checkpoint (reused by the next run)")

@@ -159,8 +159,9 @@ class WarmBench:
     def prepare(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         remove(self.src)
-        reuse = (self.serving.is_dir() and self.marker.exists()
-                 and json.loads(self.marker.read_text()).get("scale") == self.args.scale)
+        reuse = (
+            self.serving.is_dir() and self.marker.exists() and json.loads(self.marker.read_text()).get("scale") == self.args.scale
+        )
         if reuse:
             log(f"reusing serving directory {self.serving}")
         else:
@@ -188,12 +189,13 @@ class WarmBench:
         if sorted(self.names) != listed:
             self.note(f"prewarm status lists {self.names}, the directory holds {listed}")
         available = mem_available()
-        self.setup.update(files={n: self.sizes[n] for n in self.names}, total_bytes=self.total,
-                          mem_available_at_start=available)
+        self.setup.update(files={n: self.sizes[n] for n in self.names}, total_bytes=self.total, mem_available_at_start=available)
         log(f"{len(self.names)} files, {self.total / GB:.2f} GB; MemAvailable {available / GB:.1f} GB")
         if self.total > 0.85 * available:
-            self.note(f"the directory ({self.total / GB:.1f} GB) hardly fits in available memory "
-                      f"({available / GB:.1f} GB): warm may be limited by its budget")
+            self.note(
+                f"the directory ({self.total / GB:.1f} GB) hardly fits in available memory "
+                f"({available / GB:.1f} GB): warm may be limited by its budget"
+            )
         # One untimed read first, so that no timed step is the first reader after the write (on a VM
         # the host may still be flushing it) and the host cache is in the same state for every step.
         self.make_cold()
@@ -251,8 +253,12 @@ class WarmBench:
         doc = parse_json(run)
         if doc:
             if "warm" in doc:  # verify --warm
-                run.extra.update(verify_internal_s=doc["seconds"], warm_internal_s=doc["warm"]["seconds"],
-                                 internal_s=doc["seconds"] + doc["warm"]["seconds"], bytes_read=doc["warm"]["bytes_read"])
+                run.extra.update(
+                    verify_internal_s=doc["seconds"],
+                    warm_internal_s=doc["warm"]["seconds"],
+                    internal_s=doc["seconds"] + doc["warm"]["seconds"],
+                    bytes_read=doc["warm"]["bytes_read"],
+                )
             elif "bytes_checked" in doc:
                 run.extra.update(internal_s=doc["seconds"], bytes_checked=doc["bytes_checked"])
             else:
@@ -266,8 +272,11 @@ class WarmBench:
     def add(self, name: str, run: Run, nbytes: int | None = None) -> Run:
         self.step(name, self.total if nbytes is None else nbytes).runs.append(run)
         internal = run.extra.get("internal_s")
-        log(f"  {name}: {run.wall_s:.2f} s" + (f" (own timer {internal:.2f} s)" if internal is not None else "")
-            + f", {run.maxrss_kib / 1024:.1f} MiB")
+        log(
+            f"  {name}: {run.wall_s:.2f} s"
+            + (f" (own timer {internal:.2f} s)" if internal is not None else "")
+            + f", {run.maxrss_kib / 1024:.1f} MiB"
+        )
         return run
 
     def run_warm_cold(self) -> float:
@@ -302,12 +311,22 @@ class WarmBench:
         doc = parse_json(second)
         warm_s: float | None = first.extra.get("internal_s")
         verify_s: float | None = doc.get("seconds")
-        run = Run(first.cmd + " ; " + second.cmd, first.wall_s + second.wall_s, max(first.maxrss_kib, second.maxrss_kib),
-                  first.returncode or second.returncode, first.timed_out or second.timed_out, second.stdout,
-                  first.stderr_tail + second.stderr_tail,
-                  extra={"warm_wall_s": first.wall_s, "verify_wall_s": second.wall_s,
-                         "warm_internal_s": warm_s, "verify_internal_s": verify_s,
-                         "internal_s": warm_s + verify_s if warm_s is not None and verify_s is not None else None})
+        run = Run(
+            first.cmd + " ; " + second.cmd,
+            first.wall_s + second.wall_s,
+            max(first.maxrss_kib, second.maxrss_kib),
+            first.returncode or second.returncode,
+            first.timed_out or second.timed_out,
+            second.stdout,
+            first.stderr_tail + second.stderr_tail,
+            extra={
+                "warm_wall_s": first.wall_s,
+                "verify_wall_s": second.wall_s,
+                "warm_internal_s": warm_s,
+                "verify_internal_s": verify_s,
+                "internal_s": warm_s + verify_s if warm_s is not None and verify_s is not None else None,
+            },
+        )
         return self.add("warm, then verify", run).wall_s
 
     # -- status vs vmtouch -----------------------------------------------------------------------
@@ -317,8 +336,7 @@ class WarmBench:
         assert self.vmtouch
         found = {}
         for name in self.names:
-            out = subprocess.run([self.vmtouch, str(self.serving / name)], capture_output=True, text=True,
-                                 check=True).stdout
+            out = subprocess.run([self.vmtouch, str(self.serving / name)], capture_output=True, text=True, check=True).stdout
             match = re.search(r"Resident Pages:\s*(\d+)/(\d+)", out)
             if not match:
                 raise SystemExit(f"cannot parse vmtouch output: {out!r}")
@@ -348,18 +366,34 @@ class WarmBench:
             vm_bytes = before[name][0] * PAGE
             diff = vm_bytes - status[name]
             pages_ok = before[name][1] == -(-self.sizes[name] // PAGE)
-            files.append({"name": name, "bytes": self.sizes[name], "prewarm_resident": status[name],
-                          "vmtouch_pages": before[name][0], "vmtouch_total_pages": before[name][1],
-                          "vmtouch_pages_after_status": after[name][0], "diff_bytes": diff,
-                          "ok": abs(diff) < PAGE and pages_ok})
+            files.append(
+                {
+                    "name": name,
+                    "bytes": self.sizes[name],
+                    "prewarm_resident": status[name],
+                    "vmtouch_pages": before[name][0],
+                    "vmtouch_total_pages": before[name][1],
+                    "vmtouch_pages_after_status": after[name][0],
+                    "diff_bytes": diff,
+                    "ok": abs(diff) < PAGE and pages_ok,
+                }
+            )
         changed = [f["name"] for f in files if f["vmtouch_pages_after_status"] != f["vmtouch_pages"]]
-        entry = {"state": state, "files": files, "ok": all(f["ok"] for f in files),
-                 "prewarm_resident": sum(status.values()), "vmtouch_resident": sum(before[n][0] for n in self.names) * PAGE,
-                 "max_abs_diff": max(abs(f["diff_bytes"]) for f in files), "changed_by_status": changed}
+        entry = {
+            "state": state,
+            "files": files,
+            "ok": all(f["ok"] for f in files),
+            "prewarm_resident": sum(status.values()),
+            "vmtouch_resident": sum(before[n][0] for n in self.names) * PAGE,
+            "max_abs_diff": max(abs(f["diff_bytes"]) for f in files),
+            "changed_by_status": changed,
+        }
         self.agreement.append(entry)
-        log(f"  {state}: prewarm {entry['prewarm_resident'] / MB:.1f} MB, vmtouch {entry['vmtouch_resident'] / MB:.1f} MB "
+        log(
+            f"  {state}: prewarm {entry['prewarm_resident'] / MB:.1f} MB, vmtouch {entry['vmtouch_resident'] / MB:.1f} MB "
             f"resident; max |diff| {entry['max_abs_diff']} B per file: {'OK' if entry['ok'] else 'DISAGREE'}"
-            + (f"; status itself cached pages of {', '.join(changed)}" if changed else ""))
+            + (f"; status itself cached pages of {', '.join(changed)}" if changed else "")
+        )
 
     def run_agreement(self) -> None:
         log("status vs vmtouch")
@@ -374,8 +408,9 @@ class WarmBench:
         self.make_cold()
         largest = max(self.names, key=lambda n: self.sizes[n])
         half = self.sizes[largest] // 2 + 1234  # not page-aligned
-        subprocess.run(["bash", "-c", 'head -c "$1" -- "$2" > /dev/null', "bench-head", str(half),
-                        str(self.serving / largest)], check=True)
+        subprocess.run(
+            ["bash", "-c", 'head -c "$1" -- "$2" > /dev/null', "bench-head", str(half), str(self.serving / largest)], check=True
+        )
         self.compare("partial: first half of the largest shard read (head -c)")
         self.make_resident()
         for name in self.names:  # drop every other MiB (unaligned ranges) and each file's last page
@@ -405,11 +440,13 @@ class WarmBench:
         else:
             missing = "vmtouch not installed (apt-get install -y vmtouch)"
             self.steps["vmtouch -t"] = Step("vmtouch -t", self.total, skipped=missing)
-        pair: list[tuple[str, Callable[[], float]]] = [("verify --warm", self.run_verify_warm),
-                                                       ("warm, then verify", self.run_warm_then_verify)]
+        pair: list[tuple[str, Callable[[], float]]] = [
+            ("verify --warm", self.run_verify_warm),
+            ("warm, then verify", self.run_warm_then_verify),
+        ]
         for i in range(self.args.repeat):
-            order = cold[i % len(cold):] + cold[:i % len(cold)]
-            second = pair[i % 2:] + pair[:i % 2]
+            order = cold[i % len(cold) :] + cold[: i % len(cold)]
+            second = pair[i % 2 :] + pair[: i % 2]
             names = [n for n, _ in order] + ["warm (resident)"] + [n for n, _ in second]
             log(f"round {i + 1} of {self.args.repeat}: " + ", ".join(names))
             walls = {name: fn() for name, fn in order}
@@ -443,24 +480,49 @@ class WarmBench:
         warm, cat, vmt = self.wall("warm"), self.wall("cat"), self.wall("vmtouch -t")
         best = min((w for w in (cat, vmt) if w), default=None)
         resident, vw = self.wall("warm (resident)"), self.wall("verify --warm")
-        disagree = [f"{e['state']}: {f['name']} {f['diff_bytes']:+d} B" for e in self.agreement for f in e["files"]
-                    if not f["ok"]]
+        disagree = [
+            f"{e['state']}: {f['name']} {f['diff_bytes']:+d} B" for e in self.agreement for f in e["files"] if not f["ok"]
+        ]
         gb = self.total / GB
-        agreement = {"target": "status agrees with vmtouch within one page per file", "status": "N/A", "value": None,
-                     "limit": PAGE, "detail": "not checked"}
+        agreement = {
+            "target": "status agrees with vmtouch within one page per file",
+            "status": "N/A",
+            "value": None,
+            "limit": PAGE,
+            "detail": "not checked",
+        }
         if self.agreement:
             worst = max(e["max_abs_diff"] for e in self.agreement)
             count = sum(len(e["files"]) for e in self.agreement)
-            agreement |= {"status": "MISS" if disagree else "PASS", "value": worst,
-                          "detail": (f"{len(self.agreement)} states x {len(self.names)} files: largest |diff| {worst} B "
-                                     f"(< {PAGE} B)" if not disagree else f"{len(disagree)} of {count}: " + "; ".join(disagree))}
+            agreement |= {
+                "status": "MISS" if disagree else "PASS",
+                "value": worst,
+                "detail": (
+                    f"{len(self.agreement)} states x {len(self.names)} files: largest |diff| {worst} B (< {PAGE} B)"
+                    if not disagree
+                    else f"{len(disagree)} of {count}: " + "; ".join(disagree)
+                ),
+            }
         return [
-            check_target("warm (cold) <= 1.1x min(cat, vmtouch -t)", warm / best if warm and best else None,
-                         WARM_VS_BEST_MAX, False, "x", "not measured"),
-            check_target(f"warm (all resident, {gb:.1f} GB) < 0.5 s wall", resident, RESIDENT_WARM_MAX_S, False, " s",
-                         "not measured"),
-            check_target("verify --warm (cold) <= 1.15x warm (cold)", vw / warm if vw and warm else None,
-                         VERIFY_WARM_VS_WARM_MAX, False, "x", "not measured"),
+            check_target(
+                "warm (cold) <= 1.1x min(cat, vmtouch -t)",
+                warm / best if warm and best else None,
+                WARM_VS_BEST_MAX,
+                False,
+                "x",
+                "not measured",
+            ),
+            check_target(
+                f"warm (all resident, {gb:.1f} GB) < 0.5 s wall", resident, RESIDENT_WARM_MAX_S, False, " s", "not measured"
+            ),
+            check_target(
+                "verify --warm (cold) <= 1.15x warm (cold)",
+                vw / warm if vw and warm else None,
+                VERIFY_WARM_VS_WARM_MAX,
+                False,
+                "x",
+                "not measured",
+            ),
             agreement,
         ]
 
@@ -491,16 +553,33 @@ class WarmBench:
             base_wall = self.wall(base) if base else None
             ratio = f"{step.wall / base_wall:.2f}x" if step.wall and base_wall else "-"
             internal = self.internal(key)
-            rows.append((label, fmt_range(walls), fmt_range(internal), f"{step.gbps:.2f}" if step.gbps else "-",
-                         f"{step.rss_mb:.1f}" if step.rss_mb is not None else "-", ratio, target, result or "-"))
+            rows.append(
+                (
+                    label,
+                    fmt_range(walls),
+                    fmt_range(internal),
+                    f"{step.gbps:.2f}" if step.gbps else "-",
+                    f"{step.rss_mb:.1f}" if step.rss_mb is not None else "-",
+                    ratio,
+                    target,
+                    result or "-",
+                )
+            )
         return markdown_table(rows, right=(1, 2, 3, 4, 5))
 
     def agreement_table(self) -> str:
         rows = [("state", "prewarm status MB", "vmtouch MB", "largest per-file diff B", "files within a page")]
         for e in self.agreement:
             within = sum(f["ok"] for f in e["files"])
-            rows.append((e["state"], f"{e['prewarm_resident'] / MB:.3f}", f"{e['vmtouch_resident'] / MB:.3f}",
-                         str(e["max_abs_diff"]), f"{within}/{len(e['files'])}"))
+            rows.append(
+                (
+                    e["state"],
+                    f"{e['prewarm_resident'] / MB:.3f}",
+                    f"{e['vmtouch_resident'] / MB:.3f}",
+                    str(e["max_abs_diff"]),
+                    f"{within}/{len(e['files'])}",
+                )
+            )
         return markdown_table(rows, right=(1, 2, 3, 4))
 
     def report(self) -> dict[str, Any]:
@@ -509,15 +588,26 @@ class WarmBench:
         for r in self.rounds:
             w = r["wall_s"]
             best = min((w[n] for n in ("cat", "vmtouch -t") if n in w), default=None)
-            per_round.append({"order": r["order"], "wall_s": w,
-                              "warm_vs_best": w["warm"] / best if best else None,
-                              "verify_warm_vs_warm": w["verify --warm"] / w["warm"]})
+            per_round.append(
+                {
+                    "order": r["order"],
+                    "wall_s": w,
+                    "warm_vs_best": w["warm"] / best if best else None,
+                    "verify_warm_vs_warm": w["verify --warm"] / w["warm"],
+                }
+            )
         return {
             "command": shlex.join([sys.executable, *sys.argv]),
             "machine": self.machine,
-            "params": {"scale": self.args.scale, "repeat": self.args.repeat, "directory": str(self.serving),
-                       "files": self.names, "total_bytes": self.total, "page_size": PAGE,
-                       "statistic": "median wall time (min-max), max peak RSS over repeats"},
+            "params": {
+                "scale": self.args.scale,
+                "repeat": self.args.repeat,
+                "directory": str(self.serving),
+                "files": self.names,
+                "total_bytes": self.total,
+                "page_size": PAGE,
+                "statistic": "median wall time (min-max), max peak RSS over repeats",
+            },
             "setup": self.setup,
             "rounds": per_round,
             "steps": {name: step.summary() for name, step in self.steps.items()},
@@ -532,19 +622,27 @@ class WarmBench:
 def print_human(report: dict[str, Any], out: Any) -> None:
     m, p = report["machine"], report["params"]
     print(f"\nprewarm warm/status/evict benchmark, {m['date']}", file=out)
-    print(f"machine: {m['nproc']} CPUs ({m['cpu']}), {m['mem_total_gib']} GiB RAM, kernel {m['kernel']}, "
-          f"workdir fs: {m['workdir_fs']}, read-ahead {m.get('read_ahead') or '?'}", file=out)
+    print(
+        f"machine: {m['nproc']} CPUs ({m['cpu']}), {m['mem_total_gib']} GiB RAM, kernel {m['kernel']}, "
+        f"workdir fs: {m['workdir_fs']}, read-ahead {m.get('read_ahead') or '?'}",
+        file=out,
+    )
     print("versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()), file=out)
-    print(f"directory: {p['total_bytes'] / GB:.2f} GB in {len(p['files'])} files (prewarm reshard of the synthetic "
-          f"Qwen2.5-7B-like checkpoint, scale {p['scale']:g}); {p['repeat']} round(s): median wall (min-max)", file=out)
+    print(
+        f"directory: {p['total_bytes'] / GB:.2f} GB in {len(p['files'])} files (prewarm reshard of the synthetic "
+        f"Qwen2.5-7B-like checkpoint, scale {p['scale']:g}); {p['repeat']} round(s): median wall (min-max)",
+        file=out,
+    )
     print("cold = evicted from this guest's page cache (prewarm evict); the host still caches the virtual disk", file=out)
     print("\n" + report["table"] + "\n", file=out)
     for i, r in enumerate(report["rounds"]):
         w = r["wall_s"]
         ratio = f"{r['warm_vs_best']:.2f}x" if r["warm_vs_best"] else "-"
-        print(f"round {i + 1} ({', '.join(r['order'])}): warm/min(cat, vmtouch) {ratio}, "
-              f"verify --warm/warm {r['verify_warm_vs_warm']:.2f}x; "
-              + ", ".join(f"{k} {v:.2f} s" for k, v in w.items()), file=out)
+        print(
+            f"round {i + 1} ({', '.join(r['order'])}): warm/min(cat, vmtouch) {ratio}, "
+            f"verify --warm/warm {r['verify_warm_vs_warm']:.2f}x; " + ", ".join(f"{k} {v:.2f} s" for k, v in w.items()),
+            file=out,
+        )
     print("\nprewarm status vs vmtouch, resident bytes per file (vmtouch pages x page size):\n", file=out)
     print(report["agreement_table"] + "\n", file=out)
     print("targets:", file=out)
@@ -555,12 +653,14 @@ def print_human(report: dict[str, Any], out: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--scale", type=float, default=1.0, help="shrink the checkpoint (1.0 = ~15.2 GB)")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of the timed steps (default: %(default)s)")
-    parser.add_argument("--workdir", type=Path, default=REPO / "bench-data",
-                        help="where the serving directory goes (default: %(default)s)")
+    parser.add_argument(
+        "--workdir", type=Path, default=REPO / "bench-data", help="where the serving directory goes (default: %(default)s)"
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable results on stdout (log on stderr)")
     parser.add_argument("--keep", action="store_true", help="keep the serving directory (reused by the next run)")
     args = parser.parse_args(argv)

@@ -77,12 +77,14 @@ def measure(cmd: Sequence[str], timeout: float | None = None, env: dict[str, str
     ru_maxrss, and with vfork (which CPython uses) that is *this* process's peak, so a direct
     wait4 reads at least as high as the benchmark's own peak RSS.
     """
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
-            tempfile.NamedTemporaryFile(prefix="bench-rss-") as rss_file:
+    with (
+        tempfile.TemporaryFile() as out,
+        tempfile.TemporaryFile() as err,
+        tempfile.NamedTemporaryFile(prefix="bench-rss-") as rss_file,
+    ):
         wrapped = [GNU_TIME, "-f", "%M", "-o", rss_file.name, *cmd] if HAVE_GNU_TIME else list(cmd)
         started = time.perf_counter()
-        proc = subprocess.Popen(wrapped, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                start_new_session=True, env=env)
+        proc = subprocess.Popen(wrapped, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True, env=env)
         expired = threading.Event()
 
         def kill() -> None:
@@ -132,8 +134,10 @@ def prewarm_command() -> list[str]:
 def write_synthetic(directory: Path, scale: float) -> None:
     """The synthetic Qwen2.5-7B-like checkpoint, written by a child so this process stays small
     (its peak RSS would leak into its children's, see ``measure``), then synced."""
-    code = "import sys; from pathlib import Path; from prewarm.synthetic import write_qwen25_7b_like; " \
-           "write_qwen25_7b_like(Path(sys.argv[1]), float(sys.argv[2]))"
+    code = (
+        "import sys; from pathlib import Path; from prewarm.synthetic import write_qwen25_7b_like; "
+        "write_qwen25_7b_like(Path(sys.argv[1]), float(sys.argv[2]))"
+    )
     run_quiet([sys.executable, "-c", code, str(directory), repr(scale)])
     sync()
 
@@ -181,8 +185,9 @@ def cached_fraction(files: Sequence[Path]) -> float | None:
     fincore = shutil.which("fincore")
     if not fincore or not files:
         return None
-    proc = subprocess.run([fincore, "--bytes", "--noheadings", "--raw", "--output", "RES,SIZE",
-                           *map(str, files)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [fincore, "--bytes", "--noheadings", "--raw", "--output", "RES,SIZE", *map(str, files)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         return None
     resident = total = 0
@@ -280,27 +285,36 @@ class Step:
         return self.bytes / self.wall / GB if self.wall else None
 
     def summary(self) -> dict[str, Any]:
-        return {"name": self.name, "bytes": self.bytes, "wall_s_median": self.wall,
-                "gb_per_s": self.gbps, "peak_rss_mb_max": self.rss_mb, "skipped": self.skipped or None,
-                "failure": self.failed.failure() if self.failed else None,
-                "runs": [asdict(r) | {"stdout": r.stdout[-4000:]} for r in self.runs]}
-
+        return {
+            "name": self.name,
+            "bytes": self.bytes,
+            "wall_s_median": self.wall,
+            "gb_per_s": self.gbps,
+            "peak_rss_mb_max": self.rss_mb,
+            "skipped": self.skipped or None,
+            "failure": self.failed.failure() if self.failed else None,
+            "runs": [asdict(r) | {"stdout": r.stdout[-4000:]} for r in self.runs],
+        }
 
 
 # ---------------------------------------------------------------------------------------------
 # Results
 
 
-def check_target(name: str, value: float | None, limit: float, higher_is_better: bool, unit: str,
-                 missing: str) -> dict[str, Any]:
+def check_target(name: str, value: float | None, limit: float, higher_is_better: bool, unit: str, missing: str) -> dict[str, Any]:
     """PASS/MISS of ``value`` against ``limit``, with the margin in percent of the limit (N/A if None)."""
     if value is None:
         return {"target": name, "status": "N/A", "value": None, "limit": limit, "detail": missing}
     passed = value >= limit if higher_is_better else value <= limit
     margin = (value / limit - 1) if higher_is_better else (1 - value / limit)
     word = "headroom" if passed else "short"
-    return {"target": name, "status": "PASS" if passed else "MISS", "value": value, "limit": limit,
-            "detail": f"{value:.2f}{unit} vs {limit:g}{unit}: {abs(margin) * 100:.0f}% {word}"}
+    return {
+        "target": name,
+        "status": "PASS" if passed else "MISS",
+        "value": value,
+        "limit": limit,
+        "detail": f"{value:.2f}{unit} vs {limit:g}{unit}: {abs(margin) * 100:.0f}% {word}",
+    }
 
 
 def markdown_table(rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:

@@ -389,8 +389,8 @@ def warm(obj: Context, directory: Path, lock: bool, budget: str | None, threads:
     data = _warm_json(result)
     if result.limited_by_memory:
         click.echo(
-            f"Warning: {directory} needs more page cache than the {format_size(result.budget)} available; "
-            "warmed what fits, in model order",
+            f"Warning: {directory} needs more page cache than its budget of {format_size(result.budget)} "
+            f"({'--budget' if budget else 'available memory less a tenth'}); warmed what fits, in model order",
             err=True,
         )
 

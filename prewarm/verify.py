@@ -15,6 +15,7 @@ from prewarm.checkpoint import MANIFEST_NAME
 from prewarm.errors import FilesystemError, ManifestError
 from prewarm.fsutil import write_file_atomic
 from prewarm.manifest import Manifest, default_threads, list_files, read_manifest, read_range, thread_buffer
+from prewarm.pagecache import FileShrank, populated_range
 from prewarm.progress import NoProgress, Progress
 
 
@@ -101,12 +102,11 @@ def _check_chunks(chunks: list[_Chunk], threads: int, progress: Progress) -> lis
     progress.start("verifying", sum(c.length for c in chunks))
 
     def check(chunk: _Chunk) -> Problem | None:
-        hasher = xxhash.xxh3_128()
-        got = read_range(chunk.fd, chunk.offset, chunk.length, thread_buffer(chunk.length), hasher.update)
+        got, digest = _hash_chunk(chunk)
         progress.advance(chunk.length)
         if got != chunk.length:
             return Problem(chunk.file, "size", detail="file shrank while being verified")
-        if hasher.hexdigest() != chunk.expected:
+        if digest != chunk.expected:
             return Problem(chunk.file, "corrupt", chunk.offset, chunk.length)
         return None
 
@@ -114,6 +114,21 @@ def _check_chunks(chunks: list[_Chunk], threads: int, progress: Progress) -> lis
         results = [p for p in pool.map(check, chunks) if p is not None]
     progress.finish()
     return _merge_adjacent(results)
+
+
+def _hash_chunk(chunk: _Chunk) -> tuple[int, str]:
+    """(bytes hashed, xxh3-128) of one chunk: hashed in place from the page cache where the
+    kernel can populate a mapping (one read from disk, no copy), else read through a buffer."""
+    hasher = xxhash.xxh3_128()
+    try:
+        with populated_range(chunk.fd, chunk.offset, chunk.length) as view:
+            if view is not None:
+                hasher.update(view)
+                return chunk.length, hasher.hexdigest()
+    except FileShrank:
+        return 0, ""
+    got = read_range(chunk.fd, chunk.offset, chunk.length, thread_buffer(chunk.length), hasher.update)
+    return got, hasher.hexdigest()
 
 
 def _merge_adjacent(problems: list[Problem]) -> list[Problem]:
@@ -152,7 +167,7 @@ def record_verification(report: VerifyReport) -> bool:
         "verified_at": time.time(),
         "ok": report.ok,
         "problems": len(report.problems),
-        "manifest_xxh3_128": _manifest_digest(report.directory),
+        "manifest": _manifest_identity(report.directory),
     }
     try:
         write_file_atomic(report.directory / RECORD_NAME, (json.dumps(doc) + "\n").encode())
@@ -168,14 +183,17 @@ def last_verification(directory: Path) -> VerificationRecord | None:
             float(doc["verified_at"]),
             bool(doc["ok"]),
             int(doc["problems"]),
-            doc["manifest_xxh3_128"] != _manifest_digest(directory),
+            doc["manifest"] != _manifest_identity(directory),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def _manifest_digest(directory: Path) -> str | None:
+def _manifest_identity(directory: Path) -> list[int] | None:
+    """(size, mtime, inode) of the manifest: a rewrite changes it, and stat leaves the page cache
+    alone, so `prewarm status` does not change what it measures."""
     try:
-        return xxhash.xxh3_128((directory / MANIFEST_NAME).read_bytes()).hexdigest()
+        stat = (directory / MANIFEST_NAME).stat()
     except OSError:
         return None
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino]

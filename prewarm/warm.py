@@ -11,7 +11,9 @@ import logging
 import os
 import resource
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from prewarm.pagecache import (
     FileShrank,
     Mapping,
     evict_file,
+    file_resident_bytes,
     lock_mapping,
     map_file,
     mapped,
@@ -31,7 +34,6 @@ from prewarm.pagecache import (
     pages,
     populate,
     residency_vector,
-    resident_bytes,
     unlock_mapping,
 )
 from prewarm.progress import NoProgress, Progress
@@ -93,17 +95,18 @@ def serving_files(directory: Path) -> list[str]:
 
 
 def residency(directory: Path, names: list[str] | None = None) -> Residency:
-    """Bytes resident per file, measured with mincore(2)."""
+    """Bytes resident per file (cachestat(2), or mincore(2) where the kernel lacks it)."""
     files = []
     for name in names if names is not None else serving_files(directory):
-        with _mapped_or_error(directory / name) as mapping:
-            files.append(FileResidency(name, mapping.size, resident_bytes(residency_vector(mapping), mapping.size)))
+        with _as_prewarm_error(directory / name):
+            files.append(FileResidency(name, *file_resident_bytes(directory / name)))
     return Residency(directory, tuple(files))
 
 
-def _mapped_or_error(path: Path):  # type: ignore[no-untyped-def]
+@contextmanager
+def _as_prewarm_error(path: Path) -> Iterator[None]:
     try:
-        return mapped(path)
+        yield
     except FileNotFoundError:
         raise FilesystemError("disappeared while being warmed", str(path)) from None
     except OSError as exc:
@@ -151,21 +154,24 @@ def warm(directory: Path, threads: int | None = None, progress: Progress | None 
 
 
 def _plan_reads(directory: Path, names: list[str]) -> tuple[Residency, list[tuple[str, int, int]]]:
-    files, work = [], []
-    for name in names:
-        with _mapped_or_error(directory / name) as mapping:
+    """Residency now, and the 64 MiB pieces to read: only where pages are missing (mincore)."""
+    before = residency(directory, names)
+    work = []
+    for f in before.files:
+        if f.resident_bytes == f.bytes:
+            continue
+        with _as_prewarm_error(directory / f.name), mapped(directory / f.name) as mapping:
             vector = residency_vector(mapping)
-        files.append(FileResidency(name, mapping.size, resident_bytes(vector, mapping.size)))
         for offset, length in missing_ranges(vector, mapping.size):
-            work += [(name, o, min(READ_PIECE, offset + length - o)) for o in range(offset, offset + length, READ_PIECE)]
-    return Residency(directory, tuple(files)), work
+            work += [(f.name, o, min(READ_PIECE, offset + length - o)) for o in range(offset, offset + length, READ_PIECE)]
+    return before, work
 
 
 def _trim(work: list[tuple[str, int, int]], budget: int) -> list[tuple[str, int, int]]:
     kept, total = [], 0
     for name, offset, length in work:
         if total + length > budget:
-            break
+            continue  # a later, smaller piece (the small files) may still fit
         kept.append((name, offset, length))
         total += length
     return kept

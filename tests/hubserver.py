@@ -9,11 +9,13 @@ corrupt a file, slow a download, or gate a repo behind a token.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,13 +24,36 @@ from urllib.parse import unquote, urlsplit
 LFS_SUFFIXES = (".safetensors", ".bin")
 
 
-def git_blob_id(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
+Content = bytes | Path  # a file's bytes, or a path to read them from (for large files)
+
+
+def _size(content: Content) -> int:
+    return len(content) if isinstance(content, bytes) else content.stat().st_size
+
+
+def _chunks(content: Content, start: int, block: int = 4 << 20) -> Iterator[bytes]:
+    if isinstance(content, bytes):
+        for i in range(start, len(content), block):
+            yield content[i : i + block]
+        return
+    with open(content, "rb") as f:
+        f.seek(start)
+        yield from iter(lambda: f.read(block), b"")
+
+
+@functools.cache
+def _digests(content: Content) -> tuple[str, str]:
+    """(sha256, git blob id) of a file's content; computed once per content."""
+    sha, blob = hashlib.sha256(), hashlib.sha1(b"blob %d\0" % _size(content), usedforsecurity=False)
+    for chunk in _chunks(content, 0):
+        sha.update(chunk)
+        blob.update(chunk)
+    return sha.hexdigest(), blob.hexdigest()
 
 
 @dataclass
 class Repo:
-    commits: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    commits: dict[str, dict[str, Content]] = field(default_factory=dict)
     refs: dict[str, str] = field(default_factory=dict)
     gated_token: str | None = None  # if set, only this bearer token may read
 
@@ -65,8 +90,15 @@ class Hub:
         self.server.server_close()
         self.thread.join(timeout=5)
 
-    def add_commit(self, repo_id: str, directory: Path, commit: str, refs: tuple[str, ...] = ("main",)) -> None:
-        files = {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    def add_commit(
+        self, repo_id: str, directory: Path, commit: str, refs: tuple[str, ...] = ("main",), by_path: bool = False
+    ) -> None:
+        """Serve ``directory``'s files as ``commit``: their bytes now, or (``by_path``) read when asked."""
+        files: dict[str, Content] = {
+            p.relative_to(directory).as_posix(): p if by_path else p.read_bytes()
+            for p in sorted(directory.rglob("*"))
+            if p.is_file()
+        }
         repo = self.repos.setdefault(repo_id, Repo())
         repo.commits[commit] = files
         for ref in refs:
@@ -123,10 +155,11 @@ class Hub:
                     return
                 repo, commit = found
                 siblings = []
-                for name, data in sorted(repo.commits[commit].items()):
-                    entry: dict[str, object] = {"rfilename": name, "size": len(data), "blobId": git_blob_id(data)}
+                for name, content in sorted(repo.commits[commit].items()):
+                    sha256, blob_id = _digests(content)
+                    entry: dict[str, object] = {"rfilename": name, "size": _size(content), "blobId": blob_id}
                     if name.endswith(LFS_SUFFIXES):
-                        entry["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+                        entry["lfs"] = {"sha256": sha256, "size": _size(content), "pointerSize": 134}
                     siblings.append(entry)
                 body = json.dumps(
                     {
@@ -144,63 +177,70 @@ class Hub:
                         "lastModified": "2026-11-28T00:00:00.000Z",
                     }
                 ).encode()
-                self._send(200, {"Content-Type": "application/json", "X-Repo-Commit": commit}, body, False)
+                self._send(200, {"Content-Type": "application/json", "X-Repo-Commit": commit}, iter([body]), len(body), False)
 
             def _file(self, repo_id: str, revision: str, name: str, head: bool) -> None:
                 found = self._repo_commit(repo_id, revision)
                 if found is None:
                     return
                 repo, commit = found
-                data = repo.commits[commit].get(name)
-                if data is None:
+                content = repo.commits[commit].get(name)
+                if content is None:
                     self._error(404, "EntryNotFound", "Entry not found")
                     return
-                etag = hashlib.sha256(data).hexdigest() if name.endswith(LFS_SUFFIXES) else git_blob_id(data)
-                if name in hub.corrupt:
-                    data = bytes([data[0] ^ 0xFF]) + data[1:]
+                sha256, blob_id = _digests(content)
                 headers = {
-                    "ETag": f'"{etag}"',
+                    "ETag": f'"{sha256 if name.endswith(LFS_SUFFIXES) else blob_id}"',
                     "X-Repo-Commit": commit,
                     "Accept-Ranges": "bytes",
                     "Content-Type": "application/octet-stream",
                 }
-                start = 0
+                size, start = _size(content), 0
                 ranged = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
                 if ranged:
                     start = int(ranged.group(1))
-                    headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
-                self._send(206 if ranged else 200, headers, data[start:], head, name)
+                    headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
+                self._send(206 if ranged else 200, headers, _chunks(content, start), size - start, head, name)
 
             def _error(self, status: int, code: str, message: str) -> None:
                 body = json.dumps({"error": message}).encode()
-                self._send(
-                    status, {"X-Error-Code": code, "X-Error-Message": message, "Content-Type": "application/json"}, body, False
-                )
+                headers = {"X-Error-Code": code, "X-Error-Message": message, "Content-Type": "application/json"}
+                self._send(status, headers, iter([body]), len(body), False)
 
-            def _send(self, status: int, headers: dict[str, str], body: bytes, head: bool, name: str = "") -> None:
+            def _send(
+                self, status: int, headers: dict[str, str], body: Iterable[bytes], length: int, head: bool, name: str = ""
+            ) -> None:
                 self.send_response(status)
-                for key, value in {**headers, "Content-Length": str(len(body))}.items():
+                for key, value in {**headers, "Content-Length": str(length)}.items():
                     self.send_header(key, value)
                 self.end_headers()
                 if head:
                     return
                 with hub.lock:
-                    cut = hub.cut_after.pop(name, None)
+                    budget = hub.cut_after.pop(name, None)  # bytes to send before dropping the connection
+                flip = name in hub.corrupt
                 rate = hub.bytes_per_second.get(name)
-                payload = body if cut is None else body[:cut]
-                step = max(1, rate // 20) if rate else 1 << 20
                 try:
-                    for i in range(0, len(payload), step):
-                        self.wfile.write(payload[i : i + step])
-                        if rate:
-                            self.wfile.flush()
-                            time.sleep(step / rate)
-                    self.wfile.flush()
+                    for chunk in body:
+                        if flip:
+                            chunk, flip = bytes([chunk[0] ^ 0xFF]) + chunk[1:], False
+                        if budget is not None:
+                            chunk, budget = chunk[:budget], budget - min(budget, len(chunk))
+                        self._write(chunk, rate)
+                        if budget == 0:
+                            self.close_connection = True
+                            self.connection.shutdown(2)
+                            return
                 except (BrokenPipeError, ConnectionResetError):
                     self.close_connection = True
-                    return
-                if cut is not None:
-                    self.close_connection = True
-                    self.connection.shutdown(2)
+
+            def _write(self, data: bytes, rate: int | None) -> None:
+                step = max(1, rate // 20) if rate else len(data) or 1
+                for i in range(0, len(data), step):
+                    self.wfile.write(data[i : i + step])
+                    if rate:
+                        self.wfile.flush()
+                        time.sleep(step / rate)
+                self.wfile.flush()
 
         return Handler

@@ -255,9 +255,16 @@ def test_a_file_name_escaping_the_destination_is_refused(env: dict[str, str], hu
 
 def test_two_fetches_into_one_directory_take_turns(env: dict[str, str], hub: Hub, big_repo: Path) -> None:
     hub.bytes_per_second["model.safetensors"] = 16 * 2**20
-    runs = [subprocess.Popen([sys.executable, "-m", "prewarm", "fetch", "Qwen/Big", "--json"], text=True,
-                             env={**env, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            for _ in range(2)]
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "prewarm", "fetch", "Qwen/Big", "--json"],
+            text=True,
+            env={**env, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
     outputs = [run.communicate(timeout=120) for run in runs]
     assert [run.returncode for run in runs] == [0, 0], outputs
     assert sum("waiting for it" in err for _, err in outputs) == 1
