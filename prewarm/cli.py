@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +16,9 @@ from typing import Any, NoReturn
 import click
 
 from prewarm import __version__
+from prewarm.config import debug_enabled
 from prewarm.errors import ExitCode, FilesystemError, PrewarmError
+from prewarm.progress import BarProgress, NoProgress, PlainProgress, Progress
 from prewarm.units import format_size, parse_size
 
 log = logging.getLogger("prewarm")
@@ -27,87 +28,14 @@ class _Terminated(BaseException):
     """SIGTERM, raised in the main thread so ``finally`` blocks clean up as for Ctrl-C."""
 
 
-class PlainProgress:
-    """One line on stderr every 10% of work that lasts over a second: readable in journald and CI logs."""
-
-    def __init__(self, quiet_seconds: float = 1.0) -> None:
-        self.quiet_seconds = quiet_seconds
-        self.lock = threading.Lock()
-        self.label, self.total, self.done, self.next_mark, self.started = "", 0, 0, 0.1, 0.0
-
-    def start(self, label: str, total: int) -> None:
-        self.label, self.total, self.done, self.next_mark = label, total, 0, 0.1
-        self.started = time.perf_counter()
-
-    def advance(self, n: int) -> None:
-        with self.lock:
-            self.done += n
-            elapsed = time.perf_counter() - self.started
-            if self.total and self.done / self.total >= self.next_mark and elapsed >= self.quiet_seconds:
-                pct = int(self.done * 100 / self.total)
-                self.next_mark = (pct // 10 + 1) / 10
-                rate = self.done / elapsed
-                click.echo(
-                    f"{self.label}: {pct}% ({format_size(self.done)} of {format_size(self.total)}, {format_size(rate)}/s)",
-                    err=True,
-                )
-
-    def finish(self) -> None:
-        pass
-
-
-class BarProgress:
-    """A tqdm bar on a terminal (tqdm comes with huggingface_hub)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.bar: Any = None
-
-    def start(self, label: str, total: int) -> None:
-        from tqdm import tqdm
-
-        self.finish()
-        self.bar = tqdm(
-            total=total,
-            desc=label,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1000,
-            file=sys.stderr,
-            dynamic_ncols=True,
-            leave=False,
-        )
-
-    def advance(self, n: int) -> None:
-        with self.lock:
-            if self.bar is not None:
-                self.bar.update(n)
-
-    def finish(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-class NoOutput:
-    def start(self, label: str, total: int) -> None:
-        pass
-
-    def advance(self, n: int) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
-
-
 @dataclasses.dataclass
 class Context:
     quiet: bool
     debug: bool
 
-    def progress(self, as_json: bool = False) -> BarProgress | PlainProgress | NoOutput:
+    def progress(self, as_json: bool = False) -> Progress:
         if self.quiet:
-            return NoOutput()
+            return NoProgress()
         if sys.stderr.isatty() and not as_json:
             return BarProgress()
         return PlainProgress()
@@ -128,7 +56,7 @@ class PrewarmGroup(click.Group):
     """Turns PrewarmError into one line and an exit code; tracebacks only with --debug."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        debug = os.environ.get("PREWARM_DEBUG") == "1" or "--debug" in sys.argv[1:]
+        debug = debug_enabled() or "--debug" in sys.argv[1:]
         try:
             return super().invoke(ctx)
         except PrewarmError as error:

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from prewarm.cli import PlainProgress
+from prewarm.progress import PlainProgress
 from tests.helpers import run_prewarm
 
 

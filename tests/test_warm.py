@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from prewarm.errors import PrewarmError
-from prewarm.pagecache import PAGE_SIZE
+from prewarm.pagecache import PAGE_SIZE, evict_file
 from prewarm.reshard import reshard
 from prewarm.warm import PageLock, evict, residency, serving_files, warm
 from tests.helpers import ROOT, assert_clean_failure, run_prewarm
@@ -236,3 +236,29 @@ def test_a_small_lock_limit_is_said_up_front(served: Path) -> None:
     )
     assert_clean_failure(proc, 5, "locking needs", "memory lock limit (RLIMIT_MEMLOCK) is 65.54 kB")
     assert "ulimit -l" in proc.stderr and "LimitMEMLOCK=infinity" in proc.stderr
+
+
+def test_pages_dropped_while_warming_are_read_again(served: Path) -> None:
+    names = serving_files(served)
+    first = served / names[0]
+    total = residency(served).total_bytes
+
+    class Pressure:
+        """Plays the kernel under memory pressure: drops the first shard once the last piece is in."""
+
+        done = 0
+
+        def start(self, label: str, total: int) -> None:
+            self.total = total
+
+        def advance(self, n: int) -> None:
+            self.done += n
+            if self.done == self.total:
+                evict_file(first)
+
+        def finish(self) -> None:
+            pass
+
+    result = warm(served, threads=1, progress=Pressure())
+    assert result.after.complete
+    assert result.bytes_read >= total + first.stat().st_size - PAGE_SIZE
