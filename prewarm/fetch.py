@@ -116,6 +116,11 @@ def fetch(
         return _offline(repo_id, revision, local, started, str(exc))
     wanted, pickles = select_files([f.name for f in remote], include)
     files = tuple(f for f in remote if f.name in wanted)
+    if not files:
+        raise HubError(
+            f"none of the {len(remote)} files of {repo_id} at {revision!r} matches {', '.join(include or DEFAULT_INCLUDE)}",
+            hint="name the files to fetch with --include GLOB",
+        )
     directory = destination or default_destination(repo_id, commit)
     with _exclusive(directory):
         downloaded, nbytes = _download_missing(repo_id, commit, directory, files, progress)

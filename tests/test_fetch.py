@@ -223,6 +223,8 @@ def test_gated_repo_needs_a_token_and_never_prints_it(env: dict[str, str], hub: 
 def test_include_fetches_pickles_only_when_asked(env: dict[str, str]) -> None:
     result = summary(fetch(env, "--include", "*.bin", "--include", "config.json"))
     assert result["files"] == ["config.json", "pytorch_model.bin"] and result["skipped_pickles"] == []
+    nothing = fetch(env, "--include", "*.gguf", ok=False)
+    assert_clean_failure(nothing, 3, "none of the 12 files of Qwen/Tiny-Qwen2 at 'main' matches *.gguf")
 
 
 def test_reshard_a_repo_id_goes_from_hub_to_serving_directory(env: dict[str, str], tmp_path: Path) -> None:
