@@ -180,30 +180,6 @@ def file_resident_bytes(path: Path) -> tuple[int, int]:
         return mapping.size, resident_bytes(residency_vector(mapping), mapping.size)
 
 
-@contextmanager
-def populated_range(fd: int, offset: int, length: int) -> Iterator[memoryview | None]:
-    """The page-aligned range read into the page cache and mapped: a zero-copy view of it for
-    hashing. None where the kernel cannot populate (before 5.14): read the range instead.
-    Raises FileShrank when the range now lies past the end of the file."""
-    address = _libc.mmap(None, length, _PROT_READ, _MAP_SHARED, fd, offset)
-    if address in (None, _MAP_FAILED):
-        yield None
-        return
-    try:
-        if _libc.madvise(address, length, _MADV_POPULATE_READ) != 0:
-            if ctypes.get_errno() == errno.EFAULT:
-                raise FileShrank()
-            yield None
-            return
-        view = memoryview((ctypes.c_char * length).from_address(address)).cast("B")
-        try:
-            yield view
-        finally:
-            view.release()
-    finally:
-        _libc.munmap(address, length)
-
-
 def evict_file(path: Path) -> None:
     """Drop a file's clean pages from the cache: fdatasync (dirty pages cannot be dropped), then
     posix_fadvise(DONTNEED), which needs no privilege. Pages mapped or locked elsewhere stay."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -15,7 +16,7 @@ from prewarm.checkpoint import MANIFEST_NAME
 from prewarm.errors import FilesystemError, ManifestError
 from prewarm.fsutil import write_file_atomic
 from prewarm.manifest import Manifest, default_threads, list_files, read_manifest, read_range, thread_buffer
-from prewarm.pagecache import FileShrank, populated_range
+from prewarm.pagecache import FileShrank, populate
 from prewarm.progress import NoProgress, Progress
 
 
@@ -41,6 +42,9 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+READ_GROUP = 4  # chunks per read: 4 x 16 MiB, the piece size warm measured best here
 
 
 @dataclass(frozen=True)
@@ -101,34 +105,48 @@ def _plan_chunks(directory: Path, manifest: Manifest, problems: list[Problem], f
 def _check_chunks(chunks: list[_Chunk], threads: int, progress: Progress) -> list[Problem]:
     progress.start("verifying", sum(c.length for c in chunks))
 
-    def check(chunk: _Chunk) -> Problem | None:
-        got, digest = _hash_chunk(chunk)
-        progress.advance(chunk.length)
-        if got != chunk.length:
-            return Problem(chunk.file, "size", detail="file shrank while being verified")
-        if digest != chunk.expected:
-            return Problem(chunk.file, "corrupt", chunk.offset, chunk.length)
-        return None
+    def check(group: list[_Chunk]) -> list[Problem]:
+        problems = []
+        for chunk, (got, digest) in zip(group, _hash_group(group), strict=True):
+            if got != chunk.length:
+                problems.append(Problem(chunk.file, "size", detail="file shrank while being verified"))
+            elif digest != chunk.expected:
+                problems.append(Problem(chunk.file, "corrupt", chunk.offset, chunk.length))
+        progress.advance(sum(c.length for c in group))
+        return problems
 
     with ThreadPoolExecutor(threads) as pool:
-        results = [p for p in pool.map(check, chunks) if p is not None]
+        results = [p for problems in pool.map(check, _groups(chunks)) for p in problems]
     progress.finish()
     return _merge_adjacent(results)
 
 
-def _hash_chunk(chunk: _Chunk) -> tuple[int, str]:
-    """(bytes hashed, xxh3-128) of one chunk: hashed in place from the page cache where the
-    kernel can populate a mapping (one read from disk, no copy), else read through a buffer."""
-    hasher = xxhash.xxh3_128()
-    try:
-        with populated_range(chunk.fd, chunk.offset, chunk.length) as view:
-            if view is not None:
-                hasher.update(view)
-                return chunk.length, hasher.hexdigest()
-    except FileShrank:
-        return 0, ""
-    got = read_range(chunk.fd, chunk.offset, chunk.length, thread_buffer(chunk.length), hasher.update)
-    return got, hasher.hexdigest()
+def _groups(chunks: list[_Chunk]) -> list[list[_Chunk]]:
+    """Consecutive chunks of one file, READ_GROUP at a time: one large read each (as warm does)."""
+    groups: list[list[_Chunk]] = []
+    for chunk in chunks:
+        last = groups[-1] if groups else None
+        if last and len(last) < READ_GROUP and last[-1].fd == chunk.fd and last[-1].offset + last[-1].length == chunk.offset:
+            last.append(chunk)
+        else:
+            groups.append([chunk])
+    return groups
+
+
+def _hash_group(group: list[_Chunk]) -> list[tuple[int, str]]:
+    """(bytes read, xxh3-128) per chunk. The group's range is first faulted into the page cache
+    in one MADV_POPULATE_READ (as warm reads), then each chunk is pread and hashed from there.
+    Measured here: 15% faster than pread alone from a cold cache, and steadier than hashing in
+    place from a mapping held across the hash (which was up to 2.5x slower, and would die of
+    SIGBUS if the file were truncated meanwhile)."""
+    with contextlib.suppress(FileShrank):  # a short pread below reports it
+        populate(group[0].fd, group[0].offset, sum(c.length for c in group))
+    results = []
+    for c in group:
+        hasher = xxhash.xxh3_128()
+        got = read_range(c.fd, c.offset, c.length, thread_buffer(c.length), hasher.update)
+        results.append((got, hasher.hexdigest()))
+    return results
 
 
 def _merge_adjacent(problems: list[Problem]) -> list[Problem]:
