@@ -20,7 +20,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (
+from common import (
     REPO,
     Step,
     check_target,
@@ -34,6 +34,7 @@ from bench.common import (
     sync,
     write_synthetic,
 )
+
 from tests.hubserver import Hub, _digests
 
 REPO_ID = "Qwen/Qwen2.5-7B-Synthetic"

@@ -63,6 +63,7 @@ from common import (
     measure,
     prewarm_command,
     remove,
+    run_and_report,
     sync,
     write_synthetic,
 )
@@ -667,19 +668,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.scale <= 0 or args.repeat < 1:
         parser.error("--scale must be > 0 and --repeat >= 1")
 
-    bench = WarmBench(args)
-    try:
-        bench.run()
-    finally:
-        log("cleaning up" + (" (keeping the serving directory)" if args.keep else ""))
-        bench.cleanup()
-    report = bench.report()
-    if args.json:
-        print(json.dumps(report, indent=2))
-        print_human(report, sys.stderr)
-    else:
-        print_human(report, sys.stdout)
-    return 0
+    return run_and_report(WarmBench(args), args.json, "the serving directory" if args.keep else None, print_human)
 
 
 if __name__ == "__main__":

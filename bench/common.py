@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import importlib.metadata
+import json
 import os
 import platform
 import shlex
@@ -327,3 +328,20 @@ def markdown_table(rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> 
         if n == 0:
             lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def run_and_report(bench: Any, as_json: bool, kept: str | None, print_human: Any) -> int:
+    """Run a benchmark object (``run``, ``cleanup``, ``report``), always clean up, print the report:
+    JSON on stdout and the table on stderr with ``--json``, else the table on stdout."""
+    try:
+        bench.run()
+    finally:
+        log("cleaning up" + (f" (keeping {kept})" if kept else ""))
+        bench.cleanup()
+    report = bench.report()
+    if as_json:
+        print(json.dumps(report, indent=2))
+        print_human(report, sys.stderr)
+    else:
+        print_human(report, sys.stdout)
+    return 0
