@@ -18,6 +18,13 @@ _RENAME_NOREPLACE = 1  # renameat2(2)
 _AT_FDCWD = -100
 
 
+def require_directory(path: Path) -> None:
+    if not path.exists():
+        raise FilesystemError("no such directory", str(path))
+    if not path.is_dir():
+        raise FilesystemError("not a directory", str(path))
+
+
 def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

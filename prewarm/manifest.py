@@ -20,7 +20,7 @@ import xxhash
 
 from prewarm.checkpoint import MANIFEST_NAME
 from prewarm.errors import FilesystemError, ManifestError
-from prewarm.fsutil import os_error, write_file_atomic
+from prewarm.fsutil import os_error, require_directory, write_file_atomic
 from prewarm.progress import NoProgress, Progress
 
 FORMAT = "prewarm-manifest"
@@ -209,7 +209,6 @@ def build_manifest(
     directory: Path, threads: int | None = None, progress: Progress | None = None, source: Mapping[str, Any] | None = None
 ) -> Manifest:
     """A manifest of ``directory`` as it is now (for a directory prewarm did not write)."""
-    if not directory.is_dir():
-        raise FilesystemError("not a directory", str(directory))
+    require_directory(directory)
     files = digest_files(directory, list_files(directory), threads, progress)
     return Manifest(files, CHUNK_SIZE, source or {"kind": "directory", "path": str(directory.resolve())})

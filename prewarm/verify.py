@@ -14,7 +14,7 @@ import xxhash
 
 from prewarm.checkpoint import MANIFEST_NAME
 from prewarm.errors import FilesystemError, ManifestError
-from prewarm.fsutil import write_file_atomic
+from prewarm.fsutil import require_directory, write_file_atomic
 from prewarm.manifest import Manifest, default_threads, list_files, read_manifest, read_range, thread_buffer
 from prewarm.pagecache import FileShrank, populate
 from prewarm.progress import NoProgress, Progress
@@ -59,8 +59,7 @@ class _Chunk:
 def verify_directory(directory: Path, threads: int | None = None, progress: Progress | None = None) -> VerifyReport:
     """Hash every byte ``directory``'s manifest covers, once, on ``threads`` threads."""
     started = time.perf_counter()
-    if not directory.is_dir():
-        raise FilesystemError("not a directory", str(directory))
+    require_directory(directory)
     manifest = read_manifest(directory)
     problems = [Problem(name, "extra") for name in list_files(directory) if name not in manifest.files]
     fds: list[int] = []

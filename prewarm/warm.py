@@ -19,7 +19,7 @@ from pathlib import Path
 
 from prewarm.checkpoint import MANIFEST_NAME
 from prewarm.errors import ExitCode, FilesystemError, PrewarmError
-from prewarm.fsutil import os_error
+from prewarm.fsutil import os_error, require_directory
 from prewarm.manifest import default_threads, list_files, read_range, thread_buffer
 from prewarm.pagecache import (
     PAGE_SIZE,
@@ -88,8 +88,7 @@ class MemoryLockLimit(PrewarmError):
 
 def serving_files(directory: Path) -> list[str]:
     """The files to keep hot, weights first in file-name (model) order, then the small files."""
-    if not directory.is_dir():
-        raise FilesystemError("not a directory", str(directory))
+    require_directory(directory)
     names = list_files(directory) + ([MANIFEST_NAME] if (directory / MANIFEST_NAME).is_file() else [])
     return sorted(names, key=lambda n: (not n.endswith(".safetensors"), n))
 

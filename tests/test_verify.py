@@ -102,7 +102,9 @@ def test_verify_without_a_manifest_says_what_to_run(tmp_path: Path) -> None:
     (tmp_path / "a").write_text("x")
     assert_clean_failure(run_prewarm("verify", tmp_path), 3, "no prewarm.manifest.json here")
     assert "prewarm manifest" in run_prewarm("verify", tmp_path).stderr
-    assert_clean_failure(run_prewarm("verify", tmp_path / "nope"), 4, "not a directory")
+    assert_clean_failure(run_prewarm("verify", tmp_path / "nope"), 4, "no such directory")
+    (tmp_path / "file").write_text("x")
+    assert_clean_failure(run_prewarm("verify", tmp_path / "file"), 4, "not a directory")
 
 
 def test_a_garbled_manifest_is_one_line(tmp_path: Path) -> None:
