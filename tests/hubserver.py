@@ -127,8 +127,11 @@ class Hub:
                 with hub.lock:
                     hub.requests.append(Request(self.command, path, {k.lower(): v for k, v in self.headers.items()}))
                 info = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/(.+))?", path)
+                tree = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)", path)
                 resolve = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
-                if info:
+                if tree:
+                    self._tree(tree.group(1), tree.group(2))
+                elif info:
                     self._model_info(info.group(1), info.group(2) or "main")
                 elif resolve:
                     self._file(resolve.group(1), resolve.group(2), resolve.group(3), head)
@@ -178,6 +181,22 @@ class Hub:
                     }
                 ).encode()
                 self._send(200, {"Content-Type": "application/json", "X-Repo-Commit": commit}, iter([body]), len(body), False)
+
+            def _tree(self, repo_id: str, revision: str) -> None:
+                """The recursive file listing snapshot_download asks for (one page)."""
+                found = self._repo_commit(repo_id, revision)
+                if found is None:
+                    return
+                repo, commit = found
+                entries = []
+                for name, content in sorted(repo.commits[commit].items()):
+                    sha256, blob_id = _digests(content)
+                    entry: dict[str, object] = {"type": "file", "path": name, "size": _size(content), "oid": blob_id}
+                    if name.endswith(LFS_SUFFIXES):
+                        entry["lfs"] = {"oid": sha256, "size": _size(content), "pointerSize": 134}
+                    entries.append(entry)
+                body = json.dumps(entries).encode()
+                self._send(200, {"Content-Type": "application/json"}, iter([body]), len(body), False)
 
             def _file(self, repo_id: str, revision: str, name: str, head: bool) -> None:
                 found = self._repo_commit(repo_id, revision)
