@@ -22,9 +22,10 @@ import os
 import re
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from prewarm.config import cache_root
 from prewarm.errors import PrewarmError, UsageError
@@ -37,6 +38,7 @@ RECORD_NAME = ".prewarm-fetch.json"
 LOCK_NAME = ".prewarm-fetch.lock"
 PARTIAL_DIR = ".prewarm-partial"
 _COMMIT_LENGTH = 40
+DOWNLOAD_THREADS = 4  # files at once, hashing as they arrive (snapshot_download uses 8 by default)
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 log = logging.getLogger(__name__)
 _RESUME_HINT = "run the same command again: it resumes where it stopped"
@@ -244,8 +246,8 @@ def _download_missing(
     remaining = sum(f.size - min(partial_sizes[f.name], f.size) for f in todo)
     check_free_space(directory, remaining)
     progress.start("downloading", remaining)
-    for f in todo:
-        _download_one(repo_id, commit, directory, f, progress)
+    with ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="prewarm-fetch") as pool:
+        list(pool.map(lambda f: _download_one(repo_id, commit, directory, f, progress), todo))
     progress.finish()
     with contextlib.suppress(OSError):  # left in place while it holds a partial download
         (directory / PARTIAL_DIR).rmdir()
@@ -287,19 +289,21 @@ def _download_one(repo_id: str, commit: str, directory: Path, remote: RemoteFile
     progress.advance(0)
     url = hf_hub_url(repo_id, remote.name, revision=commit)
     try:
-        with open(partial, "ab") as out:
-            out.truncate(resume)
+        with open(partial, "ab+") as raw:
+            raw.truncate(resume)
+            out = _HashingFile(raw, remote)
             http_get(
                 url,
-                out,
+                out,  # type: ignore[arg-type]
                 resume_size=resume,
                 headers=build_hf_headers(),
                 expected_size=remote.size,
                 displayed_filename=remote.name,
                 tqdm_class=_forwarding_bar(progress),
             )
-            out.flush()
-            os.fsync(out.fileno())
+            raw.flush()
+            os.fsync(raw.fileno())
+            problem = out.mismatch()
     except _transport_errors() as exc:
         raise HubError(
             f"download of {remote.name} was cut off ({type(exc).__name__}) after {_size(partial)} of {remote.size} bytes",
@@ -315,7 +319,6 @@ def _download_one(repo_id: str, commit: str, directory: Path, remote: RemoteFile
                 f"download of {remote.name} ended early at {_size(partial)} of {remote.size} bytes", hint=_RESUME_HINT
             ) from None
         raise os_error(exc, partial) from exc
-    problem = _matches(partial, remote)
     if problem is not None:
         partial.unlink()
         raise HubError(
@@ -344,26 +347,82 @@ def _forwarding_bar(progress: Progress) -> type:
     return Forward
 
 
+class _Digest:
+    """What the hub says a file hashes to: LFS sha256, else the git blob id (sha1 of a header
+    and the bytes), else nothing to check but the size."""
+
+    def __init__(self, remote: RemoteFile) -> None:
+        self.remote = remote
+        self.expected: str | None
+        self.hasher: Any
+        if remote.sha256:
+            self.kind, self.expected, self.hasher = "sha256", remote.sha256, hashlib.sha256()
+        elif remote.blob_id:
+            self.kind, self.expected = "git blob id", remote.blob_id
+            self.hasher = hashlib.sha1(f"blob {remote.size}\0".encode(), usedforsecurity=False)
+        else:
+            self.kind, self.expected, self.hasher = "", None, None
+        self.size = 0
+
+    def update(self, data: bytes) -> None:
+        if self.hasher is not None:
+            self.hasher.update(data)
+        self.size += len(data)
+
+    def mismatch(self) -> str | None:
+        """None if what was fed is what the hub says; otherwise what differs."""
+        if self.size != self.remote.size:
+            return f"{self.size} bytes, the hub says {self.remote.size}"
+        if self.hasher is None or self.hasher.hexdigest() == self.expected:
+            return None
+        return f"{self.kind} {self.hasher.hexdigest()} does not match the hub's {self.expected}"
+
+
 def _matches(path: Path, remote: RemoteFile) -> str | None:
-    """None if ``path`` is what the hub says; otherwise what differs."""
-    size = _size(path)
-    if size != remote.size:
-        return f"{size} bytes, the hub says {remote.size}"
-    if remote.sha256:
-        actual = _hash_file(path, hashlib.sha256())
-        return None if actual == remote.sha256 else f"sha256 {actual} does not match the hub's {remote.sha256}"
-    if remote.blob_id:
-        git = hashlib.sha1(f"blob {size}\0".encode(), usedforsecurity=False)
-        actual = _hash_file(path, git)
-        return None if actual == remote.blob_id else f"git blob id {actual} does not match the hub's {remote.blob_id}"
-    return None
-
-
-def _hash_file(path: Path, hasher: Any) -> str:
+    """None if the file at ``path`` is what the hub says; otherwise what differs."""
+    if _size(path) != remote.size:
+        return f"{_size(path)} bytes, the hub says {remote.size}"
+    digest = _Digest(remote)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(16 * 2**20), b""):
-            hasher.update(block)
-    return str(hasher.hexdigest())
+            digest.update(block)
+    return digest.mismatch()
+
+
+class _HashingFile:
+    """The partial file as http_get writes it: each byte also goes into the hub's hash, so the
+    check costs no second read. Bytes already there from an earlier run are hashed first."""
+
+    def __init__(self, raw: BinaryIO, remote: RemoteFile) -> None:
+        self.raw, self.remote = raw, remote
+        self._rehash()
+
+    def _rehash(self) -> None:
+        self.digest = _Digest(self.remote)
+        self.raw.seek(0)
+        for block in iter(lambda: self.raw.read(16 * 2**20), b""):
+            self.digest.update(block)
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self.raw.write(data)
+
+    def truncate(self, size: int | None = None) -> int:  # http_get: the server ignored our Range
+        result = self.raw.truncate(size)
+        self._rehash()
+        return result
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def mismatch(self) -> str | None:
+        return self.digest.mismatch()
 
 
 def _file_record(path: Path, remote: RemoteFile) -> dict[str, Any]:

@@ -72,6 +72,7 @@ class Hub:
         self.cut_after: dict[str, int] = {}  # file name -> bytes to send before dropping the connection (once)
         self.corrupt: set[str] = set()  # file names served with one byte flipped
         self.bytes_per_second: dict[str, int] = {}
+        self.ignore_range = False  # answer 200 with the whole file, as some CDNs do
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -215,7 +216,7 @@ class Hub:
                     "Content-Type": "application/octet-stream",
                 }
                 size, start = _size(content), 0
-                ranged = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+                ranged = None if hub.ignore_range else re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
                 if ranged:
                     start = int(ranged.group(1))
                     headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"

@@ -273,3 +273,30 @@ def test_two_fetches_into_one_directory_take_turns(env: dict[str, str], hub: Hub
     assert sorted(len(json.loads(out)["downloaded"]) for out, _ in outputs) == [0, 1], "the second found it done"
     directory = Path(json.loads(outputs[0][0])["directory"])
     assert (directory / "model.safetensors").read_bytes() == big_repo.read_bytes()
+
+
+def _plant_partial(tmp_path: Path, data: bytes) -> Path:
+    partial = tmp_path / "cache" / "hub" / "Qwen--Big" / ("3" * 40) / ".prewarm-partial" / "model.safetensors.part"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(data)
+    return partial
+
+
+def test_a_server_that_ignores_range_gets_a_clean_restart(env: dict[str, str], hub: Hub, big_repo: Path, tmp_path: Path) -> None:
+    _plant_partial(tmp_path, big_repo.read_bytes()[: 10 * 2**20])
+    hub.ignore_range = True
+    proc = run_prewarm("fetch", "Qwen/Big", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert [r.headers.get("range") for r in hub.file_requests("model.safetensors")] == [f"bytes={10 * 2**20}-"]
+    assert (Path(summary(proc)["directory"]) / "model.safetensors").read_bytes() == big_repo.read_bytes()
+
+
+def test_a_damaged_partial_is_caught_by_the_hash_and_deleted(
+    env: dict[str, str], hub: Hub, big_repo: Path, tmp_path: Path
+) -> None:
+    partial = _plant_partial(tmp_path, b"\0" * 2**20)  # not the file's first MiB
+    proc = run_prewarm("fetch", "Qwen/Big", "--json", env=env)
+    assert_clean_failure(proc, 3, "model.safetensors: sha256", "the bad download was deleted")
+    assert not partial.exists()
+    proc = run_prewarm("fetch", "Qwen/Big", "--json", env=env)
+    assert (Path(summary(proc)["directory"]) / "model.safetensors").read_bytes() == big_repo.read_bytes()
