@@ -93,10 +93,6 @@ def _emit(as_json: bool, data: dict[str, Any], human: Callable[[], None]) -> Non
         human()
 
 
-def _size_option(value: str) -> int:
-    return parse_size(value)
-
-
 _json_flag = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 _threads = click.option("--threads", type=click.IntRange(1, 256), default=None, help="Reader threads (default: one per CPU).")
 
