@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "prewarm needs Python >= 3.11")'
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+# pip's output goes to .venv/setup.log, shown only if it fails.
+install() { .venv/bin/python -m pip install --disable-pip-version-check "$@" >>.venv/setup.log 2>&1 || { cat .venv/setup.log; exit 1; }; }
+install --upgrade pip
 # torch is pinned to the CPU build 2.13.0 in the `test` extra: a bare `torch` would pull a CUDA build of several GB.
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+install -e '.[test]'
