@@ -81,9 +81,7 @@ def main(ctx: click.Context, quiet: bool, debug: bool) -> None:
     """Prepare model weights for instant, hot LLM serving."""
     ctx.obj = Context(quiet=quiet, debug=debug)
     signal.signal(signal.SIGTERM, _sigterm)
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, stream=sys.stderr, format="%(levelname)s: %(message)s")
 
 
 def _emit(as_json: bool, data: dict[str, Any], human: Callable[[], None]) -> None:
@@ -311,12 +309,6 @@ def warm(obj: Context, directory: Path, lock: bool, budget: str | None, threads:
 
     result = run_warm(directory, threads, obj.progress(as_json), parse_size(budget) if budget else None)
     data = _warm_json(result)
-    if result.limited_by_memory:
-        click.echo(
-            f"Warning: {directory} needs more page cache than its budget of {format_size(result.budget)} "
-            f"({'--budget' if budget else 'available memory less a tenth'}); warmed what fits, in model order",
-            err=True,
-        )
 
     def human() -> None:
         rate = result.bytes_read / max(result.seconds, 1e-9)

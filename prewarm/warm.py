@@ -133,15 +133,17 @@ def warm(directory: Path, threads: int | None = None, progress: Progress | None 
     started = time.perf_counter()
     names = serving_files(directory)
     before, work = _plan_reads(directory, names)
+    origin = "available memory less a tenth" if budget is None else "the budget given"
     budget = default_budget() if budget is None else budget
     needed = sum(length for _, _, length in work)
     limited = needed > budget
     if limited:
-        log.info(
-            "%s needs %s more in the page cache but only %s fits: warming what fits, in model order",
+        log.warning(
+            "%s needs %s more in the page cache but only %s fits (%s): warming what fits, in model order",
             directory,
             format_size(needed),
             format_size(budget),
+            origin,
         )
         work = _trim(work, budget)
     progress.start("warming", sum(length for _, _, length in work))

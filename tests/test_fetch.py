@@ -300,3 +300,8 @@ def test_a_damaged_partial_is_caught_by_the_hash_and_deleted(
     assert not partial.exists()
     proc = run_prewarm("fetch", "Qwen/Big", "--json", env=env)
     assert (Path(summary(proc)["directory"]) / "model.safetensors").read_bytes() == big_repo.read_bytes()
+
+
+def test_without_prewarm_cache_files_go_under_hf_home(env: dict[str, str], tmp_path: Path) -> None:
+    result = summary(fetch({k: v for k, v in env.items() if k != "PREWARM_CACHE"}))
+    assert Path(result["directory"]) == tmp_path / "hf" / "prewarm" / "hub" / "Qwen--Tiny-Qwen2" / NEW
