@@ -51,6 +51,7 @@ from common import (
     REPO,
     Run,
     Step,
+    add_common_options,
     cached_fraction,
     check_target,
     dir_bytes,
@@ -59,6 +60,7 @@ from common import (
     log,
     machine_info,
     measure,
+    parse_common,
     prewarm_command,
     read_through,
     remove,
@@ -443,7 +445,7 @@ def print_human(report: dict[str, Any], out: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scale", type=float, default=1.0, help="shrink the checkpoint (1.0 = ~15.2 GB)")
+    add_common_options(parser, repeat=1, kept="the source checkpoint")
     parser.add_argument(
         "--workdir", type=Path, default=REPO / "bench-data", help="where the source and outputs go (default: %(default)s)"
     )
@@ -455,12 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="SECONDS",
         help="kill the transformers step after this long (default: %(default)s)",
     )
-    parser.add_argument("--json", action="store_true", help="machine-readable results on stdout (log on stderr)")
-    parser.add_argument("--repeat", type=int, default=1, help="runs of each step; median wall is reported")
-    parser.add_argument("--keep", action="store_true", help="keep the source checkpoint (reused by the next run)")
-    args = parser.parse_args(argv)
-    if args.scale <= 0 or args.repeat < 1:
-        parser.error("--scale must be > 0 and --repeat >= 1")
+    args = parse_common(parser, argv)
 
     return run_and_report(Bench(args), args.json, "the source" if args.keep else None, print_human)
 

@@ -56,11 +56,13 @@ from common import (
     REPO,
     Run,
     Step,
+    add_common_options,
     check_target,
     log,
     machine_info,
     markdown_table,
     measure,
+    parse_common,
     prewarm_command,
     remove,
     run_and_report,
@@ -657,16 +659,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=(__doc__ or "").split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--scale", type=float, default=1.0, help="shrink the checkpoint (1.0 = ~15.2 GB)")
-    parser.add_argument("--repeat", type=int, default=3, help="rounds of the timed steps (default: %(default)s)")
+    add_common_options(parser, repeat=3, kept="the serving directory")
     parser.add_argument(
         "--workdir", type=Path, default=REPO / "bench-data", help="where the serving directory goes (default: %(default)s)"
     )
-    parser.add_argument("--json", action="store_true", help="machine-readable results on stdout (log on stderr)")
-    parser.add_argument("--keep", action="store_true", help="keep the serving directory (reused by the next run)")
-    args = parser.parse_args(argv)
-    if args.scale <= 0 or args.repeat < 1:
-        parser.error("--scale must be > 0 and --repeat >= 1")
+    args = parse_common(parser, argv)
 
     return run_and_report(WarmBench(args), args.json, "the serving directory" if args.keep else None, print_human)
 

@@ -6,6 +6,7 @@ is GNU time's ``%M`` (``ru_maxrss`` from wait4) around the child; see ``measure`
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import importlib.metadata
@@ -345,3 +346,18 @@ def run_and_report(bench: Any, as_json: bool, kept: str | None, print_human: Any
     else:
         print_human(report, sys.stdout)
     return 0
+
+
+def add_common_options(parser: argparse.ArgumentParser, repeat: int, kept: str) -> None:
+    """--scale, --repeat, --json and --keep, as every benchmark script takes them."""
+    parser.add_argument("--scale", type=float, default=1.0, help="shrink the checkpoint (1.0 = ~15.2 GB)")
+    parser.add_argument("--repeat", type=int, default=repeat, help="rounds of the timed steps (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="machine-readable results on stdout (log on stderr)")
+    parser.add_argument("--keep", action="store_true", help=f"keep {kept} (reused by the next run)")
+
+
+def parse_common(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if args.scale <= 0 or args.repeat < 1:
+        parser.error("--scale must be > 0 and --repeat >= 1")
+    return args

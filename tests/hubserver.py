@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 LFS_SUFFIXES = (".safetensors", ".bin")
@@ -49,6 +50,18 @@ def _digests(content: Content) -> tuple[str, str]:
         sha.update(chunk)
         blob.update(chunk)
     return sha.hexdigest(), blob.hexdigest()
+
+
+def _listing(files: dict[str, Content]) -> list[dict[str, Any]]:
+    """The hub's tree entries for a commit's files: git blob id, size, and LFS sha256 for weights."""
+    entries = []
+    for name, content in sorted(files.items()):
+        sha256, blob_id = _digests(content)
+        entry: dict[str, Any] = {"type": "file", "path": name, "size": _size(content), "oid": blob_id}
+        if name.endswith(LFS_SUFFIXES):
+            entry["lfs"] = {"oid": sha256, "size": _size(content), "pointerSize": 134}
+        entries.append(entry)
+    return entries
 
 
 @dataclass
@@ -158,13 +171,11 @@ class Hub:
                 if found is None:
                     return
                 repo, commit = found
-                siblings = []
-                for name, content in sorted(repo.commits[commit].items()):
-                    sha256, blob_id = _digests(content)
-                    entry: dict[str, object] = {"rfilename": name, "size": _size(content), "blobId": blob_id}
-                    if name.endswith(LFS_SUFFIXES):
-                        entry["lfs"] = {"sha256": sha256, "size": _size(content), "pointerSize": 134}
-                    siblings.append(entry)
+                siblings = [
+                    {"rfilename": f["path"], "size": f["size"], "blobId": f["oid"]}
+                    | ({"lfs": {"sha256": f["lfs"]["oid"], "size": f["size"], "pointerSize": 134}} if "lfs" in f else {})
+                    for f in _listing(repo.commits[commit])
+                ]
                 body = json.dumps(
                     {
                         "_id": repo_id,
@@ -189,13 +200,7 @@ class Hub:
                 if found is None:
                     return
                 repo, commit = found
-                entries = []
-                for name, content in sorted(repo.commits[commit].items()):
-                    sha256, blob_id = _digests(content)
-                    entry: dict[str, object] = {"type": "file", "path": name, "size": _size(content), "oid": blob_id}
-                    if name.endswith(LFS_SUFFIXES):
-                        entry["lfs"] = {"oid": sha256, "size": _size(content), "pointerSize": 134}
-                    entries.append(entry)
+                entries = _listing(repo.commits[commit])
                 body = json.dumps(entries).encode()
                 self._send(200, {"Content-Type": "application/json"}, iter([body]), len(body), False)
 
