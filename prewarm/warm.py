@@ -153,8 +153,8 @@ def warm(directory: Path, threads: int | None = None, progress: Progress | None 
     if not after.complete and not limited:
         # Under memory pressure the kernel may drop pages read early (they sit on the inactive
         # LRU list) while later ones come in: read what went missing once more, then measure.
-        after, again = _plan_reads(directory, names)
-        read += _read_pieces(directory, again, threads, NoProgress())
+        _, missing = _plan_reads(directory, names)
+        read += _read_pieces(directory, missing, threads, NoProgress())
         after = residency(directory, names)
     return WarmResult(before, after, read, time.perf_counter() - started, budget, limited)
 
@@ -193,10 +193,8 @@ def _trim(work: list[tuple[str, int, int]], budget: int) -> list[tuple[str, int,
 def _read_piece(directory: Path, item: tuple[str, int, int], progress: Progress) -> int:
     name, offset, length = item
     path = directory / name
-    try:
+    with _as_prewarm_error(path):
         fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise FilesystemError("disappeared while being warmed", str(path)) from None
     try:
         if populate(fd, offset, length):
             got = length
