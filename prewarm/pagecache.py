@@ -30,9 +30,7 @@ _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
 _libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.syscall.restype = ctypes.c_long
-_MADV_POPULATE_READ = 22  # Linux 5.14+: fault a range in, reading it into the page cache
 
 
 def _check(result: int, what: str, path: Path) -> None:
@@ -112,28 +110,6 @@ def missing_ranges(vector: bytes, size: int, merge_gap: int = 256) -> list[tuple
         else:
             runs.append([match.start(), match.end()])
     return [(start * PAGE_SIZE, min(end * PAGE_SIZE, size) - start * PAGE_SIZE) for start, end in runs]
-
-
-class FileShrank(Exception):
-    """The file ended before the range being warmed (it was truncated meanwhile)."""
-
-
-def populate(fd: int, offset: int, length: int) -> bool:
-    """Read a page-aligned range into the page cache without copying it to us: map just that
-    range and madvise(MADV_POPULATE_READ) it (madvise(2)); the pages stay cached after munmap.
-    False where the kernel lacks it (before 5.14), so the caller reads instead."""
-    address = _libc.mmap(None, length, _PROT_READ, _MAP_SHARED, fd, offset)
-    if address in (None, _MAP_FAILED):
-        return False
-    try:
-        if _libc.madvise(address, length, _MADV_POPULATE_READ) == 0:
-            return True
-        err = ctypes.get_errno()
-        if err == errno.EFAULT:  # the range now lies past the end of the file
-            raise FileShrank()
-        return False
-    finally:
-        _libc.munmap(address, length)
 
 
 class _CachestatRange(ctypes.Structure):

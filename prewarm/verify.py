@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -16,7 +15,6 @@ from prewarm.checkpoint import MANIFEST_NAME
 from prewarm.errors import FilesystemError, ManifestError
 from prewarm.fsutil import require_directory, write_file_atomic
 from prewarm.manifest import Manifest, default_threads, list_files, read_manifest, read_range, thread_buffer
-from prewarm.pagecache import FileShrank, populate
 from prewarm.progress import NoProgress, Progress
 
 
@@ -44,7 +42,7 @@ class VerifyReport:
         return not self.problems
 
 
-READ_GROUP = 4  # chunks per read: 4 x 16 MiB, the piece size warm measured best here
+READ_GROUP = 4  # chunks per task: each thread reads 64 MiB front to back, as warm does
 
 
 @dataclass(frozen=True)
@@ -121,7 +119,7 @@ def _check_chunks(chunks: list[_Chunk], threads: int, progress: Progress) -> lis
 
 
 def _groups(chunks: list[_Chunk]) -> list[list[_Chunk]]:
-    """Consecutive chunks of one file, READ_GROUP at a time: one large read each (as warm does)."""
+    """Consecutive chunks of one file, READ_GROUP at a time, so each thread reads sequentially."""
     groups: list[list[_Chunk]] = []
     for chunk in chunks:
         last = groups[-1] if groups else None
@@ -133,13 +131,7 @@ def _groups(chunks: list[_Chunk]) -> list[list[_Chunk]]:
 
 
 def _hash_group(group: list[_Chunk]) -> list[tuple[int, str]]:
-    """(bytes read, xxh3-128) per chunk. The group's range is first faulted into the page cache
-    in one MADV_POPULATE_READ (as warm reads), then each chunk is pread and hashed from there.
-    Measured here: 15% faster than pread alone from a cold cache, and steadier than hashing in
-    place from a mapping held across the hash (which was up to 2.5x slower, and would die of
-    SIGBUS if the file were truncated meanwhile)."""
-    with contextlib.suppress(FileShrank):  # a short pread below reports it
-        populate(group[0].fd, group[0].offset, sum(c.length for c in group))
+    """(bytes read, xxh3-128) per chunk, read with pread through this thread's buffer."""
     results = []
     for c in group:
         hasher = xxhash.xxh3_128()
