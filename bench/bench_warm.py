@@ -82,6 +82,19 @@ STEP_TIMEOUT = 3600.0
 FULL_SCALE_BYTES = 15.3 * GB  # the synthetic checkpoint at scale 1 (15.23 GB)
 
 
+READBACK_CODE = """
+import mmap, sys, xxhash
+for name in sys.argv[1:]:
+    with open(name, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        view, hasher = memoryview(m), xxhash.xxh3_64()
+        for offset in range(0, len(view), 16 << 20):
+            hasher.update(view[offset : offset + (16 << 20)])
+        view.release()
+        m.close()
+"""
+
+
 def parse_json(run: Run) -> dict[str, Any]:
     with contextlib.suppress(ValueError):
         doc = json.loads(run.stdout)
@@ -431,6 +444,24 @@ class WarmBench:
 
     # -- the run ---------------------------------------------------------------------------------
 
+    def run_readback(self) -> None:
+        """How fast a loader reads the files back through an mmap (as safetensors and vLLM do),
+        after each way of warming them: the point of warming is the load that follows."""
+        warmers = {
+            "prewarm warm": [*self.prewarm, "-q", "warm", str(self.serving)],
+            "cat": ["bash", "-c", 'cat -- "$@" > /dev/null', "bench-cat", *self.files],
+        }
+        if self.vmtouch:
+            warmers["vmtouch -t"] = [self.vmtouch, "-q", "-t", *self.files]
+        for _ in range(self.args.repeat):
+            for name, cmd in warmers.items():
+                self.make_cold()
+                warmed = measure(cmd, timeout=STEP_TIMEOUT)
+                if not warmed.ok:
+                    self.note(f"read-back: warming with {name} failed: {warmed.failure()}")
+                    continue
+                self.add(f"read-back after {name}", measure([sys.executable, "-c", READBACK_CODE, *self.files]))
+
     def run(self) -> None:
         self.prepare()
         self.machine = machine_info(self.workdir, tools=("cat", "bash"), dists=("prewarm", "xxhash", "click"))
@@ -456,6 +487,7 @@ class WarmBench:
             walls["warm (resident)"] = self.run_resident()
             walls |= {name: fn() for name, fn in second}
             self.rounds.append({"order": names, "wall_s": walls})
+        self.run_readback()
         if self.vmtouch:
             self.run_agreement()
         else:
@@ -646,6 +678,12 @@ def print_human(report: dict[str, Any], out: Any) -> None:
             f"verify --warm/warm {r['verify_warm_vs_warm']:.2f}x; " + ", ".join(f"{k} {v:.2f} s" for k, v in w.items()),
             file=out,
         )
+    readback = {k: v for k, v in report["steps"].items() if k.startswith("read-back after ")}
+    if readback:
+        print("\nreading the warm files back through an mmap (median wall, min-max):", file=out)
+        for name, step in readback.items():
+            walls = [r["wall_s"] for r in step["runs"] if r["returncode"] == 0]
+            print(f"  {name:<28} {fmt_range(walls)} s", file=out)
     print("\nprewarm status vs vmtouch, resident bytes per file (vmtouch pages x page size):\n", file=out)
     print(report["agreement_table"] + "\n", file=out)
     print("targets:", file=out)
