@@ -154,6 +154,20 @@ def read_range(fd: int, offset: int, length: int, buffer: memoryview, consume: C
     return done
 
 
+def read_file_range(path: Path, offset: int, length: int, consume: Callable[[memoryview], None]) -> int:
+    """Read ``length`` bytes of ``path`` from ``offset`` front to back on a descriptor of its own,
+    advised sequential: the kernel's readahead then ramps to its largest window and fills the page
+    cache with large folios, which a later mmap load (safetensors, vLLM) reads back 2x faster than
+    pages brought in by small interleaved reads (measured here)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_SEQUENTIAL)
+        return read_range(fd, offset, length, thread_buffer(min(length, READ_BUFFER) or 1), consume)
+    finally:
+        os.close(fd)
+
+
+READ_BUFFER = 16 * 2**20
 _buffers = threading.local()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -14,7 +15,7 @@ import xxhash
 from prewarm.checkpoint import MANIFEST_NAME
 from prewarm.errors import FilesystemError, ManifestError
 from prewarm.fsutil import require_directory, write_file_atomic
-from prewarm.manifest import Manifest, default_threads, list_files, read_manifest, read_range, thread_buffer
+from prewarm.manifest import Manifest, default_threads, list_files, read_file_range, read_manifest
 from prewarm.progress import NoProgress, Progress
 
 
@@ -42,13 +43,13 @@ class VerifyReport:
         return not self.problems
 
 
-READ_GROUP = 4  # chunks per task: each thread reads 64 MiB front to back, as warm does
+READ_GROUP = 64  # chunks per task: 1 GiB read front to back, as warm's segments
 
 
 @dataclass(frozen=True)
 class _Chunk:
     file: str
-    fd: int
+    path: Path
     offset: int
     length: int
     expected: str
@@ -95,7 +96,7 @@ def _plan_chunks(directory: Path, manifest: Manifest, problems: list[Problem], f
             continue
         for i, expected in enumerate(digest.chunks):
             offset = i * manifest.chunk_size
-            chunks.append(_Chunk(name, fd, offset, min(manifest.chunk_size, size - offset), expected))
+            chunks.append(_Chunk(name, directory / name, offset, min(manifest.chunk_size, size - offset), expected))
     return chunks
 
 
@@ -104,12 +105,11 @@ def _check_chunks(chunks: list[_Chunk], threads: int, progress: Progress) -> lis
 
     def check(group: list[_Chunk]) -> list[Problem]:
         problems = []
-        for chunk, (got, digest) in zip(group, _hash_group(group), strict=True):
+        for chunk, (got, digest) in zip(group, _hash_group(group, progress), strict=True):
             if got != chunk.length:
                 problems.append(Problem(chunk.file, "size", detail="file shrank while being verified"))
             elif digest != chunk.expected:
                 problems.append(Problem(chunk.file, "corrupt", chunk.offset, chunk.length))
-        progress.advance(sum(c.length for c in group))
         return problems
 
     with ThreadPoolExecutor(threads) as pool:
@@ -119,25 +119,39 @@ def _check_chunks(chunks: list[_Chunk], threads: int, progress: Progress) -> lis
 
 
 def _groups(chunks: list[_Chunk]) -> list[list[_Chunk]]:
-    """Consecutive chunks of one file, READ_GROUP at a time, so each thread reads sequentially."""
+    """Consecutive chunks of one file, READ_GROUP at a time: each thread reads a long run front to
+    back, as warm does (see read_file_range)."""
     groups: list[list[_Chunk]] = []
     for chunk in chunks:
         last = groups[-1] if groups else None
-        if last and len(last) < READ_GROUP and last[-1].fd == chunk.fd and last[-1].offset + last[-1].length == chunk.offset:
+        if last and len(last) < READ_GROUP and last[-1].path == chunk.path and last[-1].offset + last[-1].length == chunk.offset:
             last.append(chunk)
         else:
             groups.append([chunk])
     return groups
 
 
-def _hash_group(group: list[_Chunk]) -> list[tuple[int, str]]:
-    """(bytes read, xxh3-128) per chunk, read with pread through this thread's buffer."""
-    results = []
-    for c in group:
-        hasher = xxhash.xxh3_128()
-        got = read_range(c.fd, c.offset, c.length, thread_buffer(c.length), hasher.update)
-        results.append((got, hasher.hexdigest()))
-    return results
+def _hash_group(group: list[_Chunk], progress: Progress) -> list[tuple[int, str]]:
+    """(bytes read, xxh3-128) per chunk of a run, read in one sequential pass."""
+    start, end = group[0].offset, group[-1].offset + group[-1].length
+    hashers = [xxhash.xxh3_128() for _ in group]
+    done = [0] * len(group)
+    index = 0
+
+    def consume(view: memoryview) -> None:
+        nonlocal index
+        progress.advance(len(view))
+        while view:
+            take = min(len(view), group[index].length - done[index])
+            hashers[index].update(view[:take])
+            done[index] += take
+            view = view[take:]
+            if done[index] == group[index].length and index + 1 < len(group):
+                index += 1
+
+    with contextlib.suppress(OSError):  # the file vanished or became unreadable meanwhile: chunks come out short
+        read_file_range(group[0].path, start, end - start, consume)
+    return [(n, h.hexdigest()) for n, h in zip(done, hashers, strict=True)]
 
 
 def _merge_adjacent(problems: list[Problem]) -> list[Problem]:
