@@ -62,6 +62,7 @@ from common import (
     measure,
     parse_common,
     prewarm_command,
+    print_targets_and_notes,
     read_through,
     remove,
     run_and_report,
@@ -436,11 +437,7 @@ def print_human(report: dict[str, Any], out: Any) -> None:
             file=out,
         )
     print("\n" + report["table"] + "\n", file=out)
-    print("targets:", file=out)
-    for t in report["targets"]:
-        print(f"  {t['status']:<4}  {t['target']:<42} {t['detail']}", file=out)
-    for note in report["notes"]:
-        print(f"note: {note}", file=out)
+    print_targets_and_notes(report, out, width=42)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

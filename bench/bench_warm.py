@@ -64,6 +64,7 @@ from common import (
     measure,
     parse_common,
     prewarm_command,
+    print_targets_and_notes,
     remove,
     run_and_report,
     sync,
@@ -686,11 +687,7 @@ def print_human(report: dict[str, Any], out: Any) -> None:
             print(f"  {name:<28} {fmt_range(walls)} s", file=out)
     print("\nprewarm status vs vmtouch, resident bytes per file (vmtouch pages x page size):\n", file=out)
     print(report["agreement_table"] + "\n", file=out)
-    print("targets:", file=out)
-    for t in report["targets"]:
-        print(f"  {t['status']:<4}  {t['target']:<52} {t['detail']}", file=out)
-    for note in report["notes"]:
-        print(f"note: {note}", file=out)
+    print_targets_and_notes(report, out, width=52)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

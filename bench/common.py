@@ -361,3 +361,11 @@ def parse_common(parser: argparse.ArgumentParser, argv: Sequence[str] | None) ->
     if args.scale <= 0 or args.repeat < 1:
         parser.error("--scale must be > 0 and --repeat >= 1")
     return args
+
+
+def print_targets_and_notes(report: dict[str, Any], out: Any, width: int) -> None:
+    print("targets:", file=out)
+    for target in report["targets"]:
+        print(f"  {target['status']:<4}  {target['target']:<{width}} {target['detail']}", file=out)
+    for note in report["notes"]:
+        print(f"note: {note}", file=out)
