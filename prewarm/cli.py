@@ -21,8 +21,6 @@ from prewarm.errors import ExitCode, FilesystemError, PrewarmError
 from prewarm.progress import BarProgress, NoProgress, PlainProgress, Progress
 from prewarm.units import format_size, parse_size
 
-log = logging.getLogger("prewarm")
-
 
 class _Terminated(BaseException):
     """SIGTERM, raised in the main thread so ``finally`` blocks clean up as for Ctrl-C."""

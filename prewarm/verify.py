@@ -61,13 +61,8 @@ def verify_directory(directory: Path, threads: int | None = None, progress: Prog
     require_directory(directory)
     manifest = read_manifest(directory)
     problems = [Problem(name, "extra") for name in list_files(directory) if name not in manifest.files]
-    fds: list[int] = []
-    try:
-        chunks = _plan_chunks(directory, manifest, problems, fds)
-        problems += _check_chunks(chunks, threads or default_threads(), progress or NoProgress())
-    finally:
-        for fd in fds:
-            os.close(fd)
+    chunks = _plan_chunks(directory, manifest, problems)
+    problems += _check_chunks(chunks, threads or default_threads(), progress or NoProgress())
     order = {name: i for i, name in enumerate(sorted(set(manifest.files) | {p.file for p in problems}))}
     problems.sort(key=lambda p: (order[p.file], p.offset or 0))
     return VerifyReport(
@@ -75,22 +70,25 @@ def verify_directory(directory: Path, threads: int | None = None, progress: Prog
     )
 
 
-def _plan_chunks(directory: Path, manifest: Manifest, problems: list[Problem], fds: list[int]) -> list[_Chunk]:
+def _plan_chunks(directory: Path, manifest: Manifest, problems: list[Problem]) -> list[_Chunk]:
+    """The chunks to hash; files that are missing, unreadable or resized become problems now."""
     chunks = []
     for name, digest in sorted(manifest.files.items()):
         expected_chunks = -(-digest.size // manifest.chunk_size)
         if len(digest.chunks) != expected_chunks:
             raise ManifestError(f"{name} has {len(digest.chunks)} chunk digests, {expected_chunks} expected", str(directory))
         try:
-            fd = os.open(directory / name, os.O_RDONLY)
+            fd = os.open(directory / name, os.O_RDONLY)  # opened, not just stat'ed: unreadable shows here
         except FileNotFoundError:
             problems.append(Problem(name, "missing"))
             continue
         except OSError as exc:
             problems.append(Problem(name, "unreadable", detail=exc.strerror or str(exc)))
             continue
-        fds.append(fd)
-        size = os.fstat(fd).st_size
+        try:
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
         if size != digest.size:
             problems.append(Problem(name, "size", detail=f"{size} bytes, manifest says {digest.size}"))
             continue
