@@ -1,36 +1,56 @@
-"""Durable, atomic filesystem steps: temp names beside the target, fsync, no-replace rename."""
+"""Durable, atomic filesystem steps that a user who can write the directory cannot steer.
+
+Temp files and directories get unpredictable names, are created with O_EXCL|O_NOFOLLOW (so a
+symlink planted at the name is never followed) and become their final name in one rename. A
+temp directory is flock(2)ed by the run that owns it, so another run (in any PID namespace) can
+tell a dead run's leftovers from a live one's.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import fcntl
 import os
-import re
 import shutil
+import stat
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import xxhash
 
 from prewarm.errors import DestinationExists, FilesystemError, NotEnoughSpace
 from prewarm.units import format_size
 
 _RENAME_NOREPLACE = 1  # renameat2(2)
 _AT_FDCWD = -100
+_TEMP_SUFFIX = ".tmp"
 
 
 def require_directory(path: Path) -> None:
+    if str(path) == "":
+        raise FilesystemError("an empty path was given", hint="name a directory (is a shell variable unset?)")
     if not path.exists():
-        raise FilesystemError("no such directory", str(path))
+        raise FilesystemError("no such directory", str(path), hint="check the path")
     if not path.is_dir():
-        raise FilesystemError("not a directory", str(path))
+        raise FilesystemError("not a directory", str(path), hint="give the directory that holds the files")
 
 
 def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def rename_no_replace(src: Path, dst: Path) -> None:
@@ -51,8 +71,8 @@ def rename_no_replace(src: Path, dst: Path) -> None:
 
 
 def check_free_space(directory: Path, needed: int) -> None:
-    stat = os.statvfs(directory)
-    available = stat.f_bavail * stat.f_frsize
+    stat_ = os.statvfs(directory)
+    available = stat_.f_bavail * stat_.f_frsize
     if available < needed:
         raise NotEnoughSpace(
             f"needs {format_size(needed)} but only {format_size(available)} is free",
@@ -63,58 +83,76 @@ def check_free_space(directory: Path, needed: int) -> None:
         )
 
 
-def _temp_pattern(final: Path) -> re.Pattern[str]:
-    return re.compile(rf"^\.{re.escape(final.name)}\.prewarm-(\d+)\.tmp$")
+def _temp_prefix(final: Path) -> str:
+    """Names stay short (a 255-byte DST name still fits) and tell whose temp directory this is."""
+    return f".prewarm-{xxhash.xxh3_64_hexdigest(os.fsencode(final.name))}-"
 
 
 def remove_stale_temps(final: Path) -> list[Path]:
-    """Delete temp directories that a killed prewarm left for ``final`` (their pid is gone)."""
+    """Delete temp directories for ``final`` that no live run holds locked (and that we own)."""
     removed = []
-    pattern = _temp_pattern(final)
+    prefix = _temp_prefix(final)
     for entry in final.parent.iterdir():
-        match = pattern.match(entry.name)
-        if match and not _pid_alive(int(match.group(1))):
-            shutil.rmtree(entry, ignore_errors=True)
+        if entry.name.startswith(prefix) and entry.name.endswith(_TEMP_SUFFIX) and _stale(entry):
+            shutil.rmtree(entry, ignore_errors=True)  # fd-based on Linux: never follows a symlink inside
             removed.append(entry)
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def _stale(entry: Path) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
         return False
-    except PermissionError:
-        return True
+    try:
+        if os.fstat(fd).st_uid != os.geteuid():
+            return False
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False  # locked: a live run (in this PID namespace or another) is writing it
+    finally:
+        os.close(fd)
     return True
 
 
 @contextmanager
-def atomic_directory(final: Path) -> Iterator[Path]:
-    """Yield a temp directory beside ``final``; on success it becomes ``final`` in one rename.
+def atomic_directory(final: Path, mode: int = 0o777) -> Iterator[Path]:
+    """Yield a private temp directory beside ``final``; on success it becomes ``final`` in one rename.
 
-    On any exception (or KeyboardInterrupt) the temp directory is removed; after a SIGKILL it
-    is left, named for our pid, and the next run for the same target removes it.
+    The temp directory is created 0700 under a name no cleaner matches, locked, and only then
+    renamed to its findable name, so a concurrent run never takes it for stale. On an exception
+    (or KeyboardInterrupt) it is removed; after a SIGKILL the lock dies with us and the next run
+    for the same target removes it. ``mode`` (less the umask) is what ``final`` gets.
     """
+    if str(final) in ("", "."):
+        raise FilesystemError("an empty path was given", hint="name the directory to create (is a shell variable unset?)")
     if final.exists() or final.is_symlink():
         raise DestinationExists("already exists", str(final), hint="choose a new directory or remove it first")
     parent = final.parent
     if not parent.is_dir():
-        raise FilesystemError("parent directory does not exist", str(parent))
-    remove_stale_temps(final)
-    temp = parent / f".{final.name}.prewarm-{os.getpid()}.tmp"
+        raise FilesystemError("parent directory does not exist", str(parent), hint="create it first")
+    with contextlib.suppress(OSError):
+        remove_stale_temps(final)
     try:
-        temp.mkdir()
+        staging = Path(tempfile.mkdtemp(prefix=".prewarm-new-", dir=parent))
     except OSError as exc:
-        raise os_error(exc, temp) from exc
+        raise os_error(exc, final) from exc
+    lock = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    temp = staging
     try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        temp = Path(tempfile.mktemp(prefix=_temp_prefix(final), suffix=_TEMP_SUFFIX, dir=parent))
+        rename_no_replace(staging, temp)
         yield temp
-        fsync_path(temp)
+        os.fchmod(lock, mode & ~current_umask())
+        os.fsync(lock)
         rename_no_replace(temp, final)
         fsync_path(parent)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
 
 
 def os_error(exc: OSError, path: Path | str) -> FilesystemError:
@@ -124,20 +162,48 @@ def os_error(exc: OSError, path: Path | str) -> FilesystemError:
     if exc.errno in (errno.EACCES, errno.EPERM):
         return FilesystemError("permission denied", str(path), hint="check the directory's owner and mode")
     if exc.errno == errno.EROFS:
-        return FilesystemError("read-only filesystem", str(path))
-    return FilesystemError(exc.strerror or str(exc), str(path))
+        return FilesystemError("read-only filesystem", str(path), hint="write somewhere else, or remount it read-write")
+    if exc.errno == errno.ENAMETOOLONG:
+        return FilesystemError("file name too long", str(path), hint="choose a shorter name")
+    if exc.errno == errno.ENOENT:
+        return FilesystemError("no such file or directory", str(path), hint="check the path")
+    return FilesystemError(exc.strerror or str(exc), str(path), hint="check the path, its permissions and the disk")
 
 
-def write_file_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file, fsync and rename (replacing any old file)."""
-    temp = path.with_name(f".{path.name}.prewarm-{os.getpid()}.tmp")
+def create_exclusive(directory: Path, name: str, mode: int) -> int:
+    """A new file ``name`` in ``directory``, opened for writing; never follows or reuses what is there."""
+    return os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+
+
+def write_file_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` through a fresh temp file (O_EXCL|O_NOFOLLOW, random name),
+    fsync and rename over ``path``. A symlink planted at ``path`` is replaced, never followed."""
     try:
-        with open(temp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        fd, temp = tempfile.mkstemp(prefix=".prewarm-", suffix=_TEMP_SUFFIX, dir=path.parent)
+    except OSError as exc:
+        raise os_error(exc, path) from exc
+    try:
+        os.fchmod(fd, mode & ~current_umask())
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        if os.path.isdir(path) and not os.path.islink(path):
+            raise FilesystemError("is a directory, not a file", str(path), hint="remove or rename it")
         os.replace(temp, path)
         fsync_path(path.parent)
     except OSError as exc:
-        temp.unlink(missing_ok=True)
         raise os_error(exc, path) from exc
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            if os.path.lexists(temp):
+                os.unlink(temp)
+
+
+def is_regular_owned(st: os.stat_result) -> bool:
+    """What a partial download or record we wrote must be: a regular file of ours."""
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
