@@ -16,8 +16,9 @@ from typing import Any, NoReturn
 import click
 
 from prewarm import __version__
+from prewarm.checkpoint import MANIFEST_NAME
 from prewarm.config import debug_enabled
-from prewarm.errors import ExitCode, FilesystemError, PrewarmError
+from prewarm.errors import ExitCode, FilesystemError, PrewarmError, UsageError
 from prewarm.progress import BarProgress, NoProgress, PlainProgress, Progress
 from prewarm.units import format_size, parse_size
 
@@ -30,6 +31,7 @@ class _Terminated(BaseException):
 class Context:
     quiet: bool
     debug: bool
+    as_json: bool = False  # set by a command's --json: errors then go to stdout as JSON too
 
     def progress(self, as_json: bool = False) -> Progress:
         if self.quiet:
@@ -39,11 +41,43 @@ class Context:
         return PlainProgress()
 
 
-def _fail(error: PrewarmError) -> NoReturn:
-    click.echo(f"Error: {error}", err=True)
-    if error.hint:
-        click.echo(f"  hint: {error.hint}", err=True)
+_DEFAULT_HINTS = {
+    ExitCode.USAGE: "see `prewarm COMMAND --help`",
+    ExitCode.BAD_INPUT: "the input is damaged or not what prewarm expects: check it, or produce it again",
+    ExitCode.IO: "check the path, its permissions and the free space",
+    ExitCode.LIMIT: "raise the limit named above",
+}
+
+
+def _fail(error: PrewarmError, as_json: bool = False) -> NoReturn:
+    hint = error.hint or _DEFAULT_HINTS.get(error.exit_code, "run again with --debug to see where it failed")
+    click.echo(f"Error: {show(str(error))}", err=True)
+    click.echo(f"  hint: {show(hint)}", err=True)
+    if as_json:
+        fields = {"message": error.message, "path": error.path, "hint": hint, "exit_code": int(error.exit_code)}
+        doc = {"ok": False, "error": fields}
+        click.echo(json.dumps(doc, indent=2))
     sys.exit(int(error.exit_code))
+
+
+def show(text: str) -> str:
+    """``text`` for a terminal: a name with a newline, a control character or bytes that are not
+    UTF-8 is shown escaped (``\\n``, ``\\xff``), so it cannot forge or garble a line."""
+    if text.isprintable() and _is_utf8(text):
+        return text
+    return os.fsencode(text).decode("utf-8", "backslashreplace").encode("unicode_escape").decode("ascii").replace("\\\\x", "\\x")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def _sigterm(signum: int, frame: object) -> NoReturn:
@@ -55,19 +89,30 @@ class PrewarmGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         debug = debug_enabled() or "--debug" in sys.argv[1:]
+        as_json = lambda: isinstance(ctx.obj, Context) and ctx.obj.as_json
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:
+            _quiet_broken_pipe()
         except PrewarmError as error:
             if debug:
                 raise
-            _fail(error)
+            _fail(error, as_json())
         except OSError as error:  # the filesystem said no somewhere we did not expect
             if debug:
                 raise
-            _fail(FilesystemError(error.strerror or str(error), error.filename))
+            _fail(FilesystemError(error.strerror or str(error), error.filename), as_json())
         except (KeyboardInterrupt, _Terminated):
             click.echo("Interrupted: nothing was left half-written.", err=True)
             sys.exit(int(ExitCode.INTERRUPTED))
+
+
+def _quiet_broken_pipe() -> NoReturn:
+    """The reader of our output went away (`prewarm verify DIR | head -1`): stop quietly, as Unix
+    tools do, with the status a shell shows for SIGPIPE (128 + 13)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # Python would otherwise report the failed flush at exit
+    sys.exit(int(ExitCode.BROKEN_PIPE))
 
 
 @click.group(cls=PrewarmGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -84,18 +129,52 @@ def main(ctx: click.Context, quiet: bool, debug: bool) -> None:
 
 def _emit(as_json: bool, data: dict[str, Any], human: Callable[[], None]) -> None:
     if as_json:
-        click.echo(json.dumps(data, indent=2))
+        click.echo(json.dumps(data, indent=2))  # a name that is not UTF-8 comes out as \\udcXX escapes: os.fsencode restores it
     else:
         human()
 
 
-_json_flag = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+def _skipped_json(skipped: Any) -> list[dict[str, str]]:
+    return [{"name": s.name, "reason": s.reason} for s in skipped]
+
+
+def _warn_skipped(skipped: Any, what: str) -> None:
+    """One stderr line per entry that was not opened (a FIFO, a socket, a symlink leading outside)."""
+    for s in skipped:
+        click.echo(f"WARNING: {what}: {show(s.name)}: {s.reason}", err=True)
+
+
+def _remember_json(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    context = ctx.find_object(Context)
+    if context is not None:
+        context.as_json = value
+    return value
+
+
+_json_flag = click.option(
+    "--json", "as_json", is_flag=True, callback=_remember_json, is_eager=True, help="Print a machine-readable summary on stdout."
+)
+
+
+class _PathArg(click.Path):
+    """A path that may not be empty: `prewarm verify "$UNSET"` must not mean the current directory."""
+
+    def __init__(self) -> None:
+        super().__init__(path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and value.strip() == "":
+            self.fail("an empty path was given (is a shell variable unset?)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+PATH = _PathArg()
 _threads = click.option("--threads", type=click.IntRange(1, 256), default=None, help="Reader threads (default: one per CPU).")
 
 
 @main.command()
-@click.argument("source", type=click.Path(path_type=Path))
-@click.argument("destination", type=click.Path(path_type=Path))
+@click.argument("source")
+@click.argument("destination", type=PATH)
 @click.option(
     "--max-shard-size",
     "max_size",
@@ -107,7 +186,7 @@ _threads = click.option("--threads", type=click.IntRange(1, 256), default=None, 
 @click.option("--revision", default="main", show_default=True, help="With a hub repo id as SOURCE: what to fetch.")
 @_json_flag
 @click.pass_obj
-def reshard(obj: Context, source: Path, destination: Path, max_size: str, revision: str, as_json: bool) -> None:
+def reshard(obj: Context, source: str, destination: Path, max_size: str, revision: str, as_json: bool) -> None:
     """Rewrite the checkpoint SOURCE as shards of at most SIZE in the new directory DESTINATION.
 
     SOURCE is a model directory (shards with or without model.safetensors.index.json, or one
@@ -118,31 +197,35 @@ def reshard(obj: Context, source: Path, destination: Path, max_size: str, revisi
     from prewarm.fetch import REPO_ID, fetch
     from prewarm.reshard import reshard as run
 
+    if source.strip() == "":
+        raise UsageError("an empty SOURCE was given (is a shell variable unset?)", hint="name a checkpoint or a hub repo id")
     limit = parse_size(max_size)
-    source_info = None
-    if not source.exists() and REPO_ID.fullmatch(str(source)):
-        fetched = fetch(str(source), revision, progress=obj.progress(as_json))
+    source_path, source_info = Path(source), None
+    if REPO_ID.fullmatch(source) and not os.path.lexists(source):  # only a literal owner/name, never ./a/b
+        fetched = fetch(source, revision, progress=obj.progress(as_json))
         _say_fetched(fetched)
-        source, source_info = fetched.directory, fetched.source_info()
-    result = run(source, destination, limit, obj.progress(as_json), source_info)
+        source_path, source_info = fetched.directory, fetched.source_info()
+    result = run(source_path, destination, limit, obj.progress(as_json), source_info)
     data = dataclasses.asdict(result) | {"destination": str(result.destination)}
     data["shards"] = [{"file": n, "bytes": b, "tensors": t} for n, b, t in result.shards]
+    data["refused_files"] = _skipped_json(result.refused_files)
 
     def human() -> None:
         t = result.timings
         click.echo(
-            f"Wrote {result.destination}: {len(result.shards)} shards, {format_size(result.bytes_written)}"
+            f"Wrote {show(str(result.destination))}: {_plural(len(result.shards), 'shard')}, {format_size(result.bytes_written)}"
             f" in {t['total']:.1f} s (plan {t['plan']:.2f} s, copy {t['copy']:.1f} s, "
             f"sync {t['sync']:.1f} s)"
         )
         for name, size, tensors in result.shards:
-            click.echo(f"  {name}  {format_size(size):>10}  {tensors} tensors")
+            click.echo(f"  {name}  {format_size(size):>10}  {_plural(tensors, 'tensor')}")
         if result.copied_files:
-            click.echo(f"  copied: {', '.join(result.copied_files)}")
+            click.echo(f"  copied: {', '.join(map(show, result.copied_files))}")
         if result.skipped_files:
-            skipped = ", ".join(result.skipped_files)
+            skipped = ", ".join(map(show, result.skipped_files))
             click.echo(f"  not copied (other weight formats, unindexed shards, subdirectories): {skipped}")
 
+    _warn_skipped(result.refused_files, "not copied")
     _emit(as_json, data, human)
 
 
@@ -151,7 +234,7 @@ def reshard(obj: Context, source: Path, destination: Path, max_size: str, revisi
 @click.option("--revision", default="main", show_default=True, help="Branch, tag or commit to fetch.")
 @click.option(
     "--dest",
-    type=click.Path(path_type=Path),
+    type=PATH,
     default=None,
     help="Directory to fetch into (default: $PREWARM_CACHE/hub/OWNER--NAME/COMMIT).",
 )
@@ -208,7 +291,7 @@ def _say_fetched(result: Any, err: bool = True) -> None:
 
 
 @main.command()
-@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("directory", type=PATH)
 @_threads
 @click.option("--warm", "also_warm", is_flag=True, help="Also leave every file resident in the page cache (one read).")
 @_json_flag
@@ -223,7 +306,6 @@ def verify(obj: Context, directory: Path, threads: int | None, also_warm: bool, 
     from prewarm.verify import record_verification, verify_directory
 
     report = verify_directory(directory, threads, obj.progress(as_json))
-    record_verification(report)
     problems = [{k: v for k, v in dataclasses.asdict(p).items() if v not in (None, "")} for p in report.problems]
     data: dict[str, Any] = {
         "ok": report.ok,
@@ -237,18 +319,23 @@ def verify(obj: Context, directory: Path, threads: int | None, also_warm: bool, 
     def human() -> None:
         for p in report.problems:
             where = f" bytes {p.offset}-{p.offset + p.length - 1}" if p.offset is not None and p.length else ""
-            detail = f" ({p.detail})" if p.detail else ""
-            click.echo(f"{p.kind:<10} {p.file}{where}{detail}")
+            detail = f" ({show(p.detail)})" if p.detail else ""
+            click.echo(f"{p.kind:<10} {show(p.file)}{where}{detail}")
         rate = report.bytes_checked / max(report.seconds, 1e-9)
-        state = "OK" if report.ok else f"FAILED: {len(report.problems)} problems"
+        state = "OK" if report.ok else f"FAILED: {_plural(len(report.problems), 'problem')}"
         click.echo(
-            f"{state}: {report.files} files, {format_size(report.bytes_checked)} checked in "
+            f"{state}: {_plural(report.files, 'file')}, {format_size(report.bytes_checked)} checked in "
             f"{report.seconds:.2f} s ({format_size(rate)}/s)"
         )
         if warmed is not None:
             click.echo(f"Resident: {_percent(warmed.after)} ({format_size(warmed.bytes_read)} more read)")
 
     _emit(as_json, data, human)
+    sys.stdout.flush()
+    try:
+        record_verification(report)
+    except PrewarmError as error:  # the check's result is out; not being able to note it is a warning
+        click.echo(f"WARNING: could not record the result for `prewarm status`: {show(str(error))}", err=True)
     if not report.ok or (warmed is not None and not warmed.after.complete):
         sys.exit(int(ExitCode.CHECK_FAILED))
 
@@ -262,15 +349,27 @@ def _warm_after_verify(obj: Context, directory: Path, threads: int | None, as_js
 
 
 def _percent(residency: Any) -> str:
-    share = residency.resident_bytes / residency.total_bytes if residency.total_bytes else 1.0
-    return f"{format_size(residency.resident_bytes)} of {format_size(residency.total_bytes)} ({share:.0%})"
+    """Resident share of what can be measured; files of unknown residency are said to be so."""
+    known = residency.total_bytes - residency.unknown_bytes
+    share = residency.resident_bytes / known if known else 1.0
+    text = f"{format_size(residency.resident_bytes)} of {format_size(known)} ({share:.0%})"
+    if residency.unknown_bytes:
+        text += f"; {format_size(residency.unknown_bytes)} of unknown residency ({_UNKNOWN})"
+        if not known:
+            text = f"{format_size(residency.unknown_bytes)} of unknown residency ({_UNKNOWN})"
+    return text
+
+
+_UNKNOWN = "the kernel reports page-cache residency only to the files' owner or a user who may write them"
 
 
 def _residency_json(residency: Any) -> dict[str, Any]:
     return {
         "total_bytes": residency.total_bytes,
         "resident_bytes": residency.resident_bytes,
+        "unknown_bytes": residency.unknown_bytes,
         "files": [{"name": f.name, "bytes": f.bytes, "resident_bytes": f.resident_bytes} for f in residency.files],
+        "skipped": _skipped_json(residency.skipped),
     }
 
 
@@ -287,7 +386,7 @@ def _warm_json(result: Any) -> dict[str, Any]:
 
 
 @main.command()
-@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("directory", type=PATH)
 @click.option("--lock", is_flag=True, help="Then keep the files resident (mlock) until Ctrl-C or SIGTERM.")
 @click.option(
     "--budget", metavar="SIZE", default=None, help="Most bytes to add to the page cache (default: available memory less a tenth)."
@@ -305,13 +404,14 @@ def warm(obj: Context, directory: Path, lock: bool, budget: str | None, threads:
     from prewarm.warm import PageLock
     from prewarm.warm import warm as run_warm
 
-    result = run_warm(directory, threads, obj.progress(as_json), parse_size(budget) if budget else None)
+    result = run_warm(directory, threads, obj.progress(as_json), parse_size(budget) if budget is not None else None)
     data = _warm_json(result)
+    _warn_skipped(result.after.skipped, "not warmed")
 
     def human() -> None:
         rate = result.bytes_read / max(result.seconds, 1e-9)
         click.echo(
-            f"Warmed {directory}: read {format_size(result.bytes_read)} in {result.seconds:.2f} s "
+            f"Warmed {show(str(directory))}: read {format_size(result.bytes_read)} in {result.seconds:.2f} s "
             f"({format_size(rate)}/s); {format_size(result.before.resident_bytes)} was already resident; "
             f"now {_percent(result.after)} resident"
         )
@@ -336,16 +436,16 @@ def warm(obj: Context, directory: Path, lock: bool, budget: str | None, threads:
 
 
 @main.command()
-@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("directory", type=PATH)
 @_json_flag
 def status(directory: Path, as_json: bool) -> None:
     """Show how much of DIRECTORY is in the page cache (mincore), and when it was last verified."""
     from prewarm.verify import last_verification
     from prewarm.warm import residency
 
-    res = residency(directory)
+    res = residency(directory)  # first: reading the manifest below must not change what is measured
     record = last_verification(directory)
-    has_manifest = (directory / "prewarm.manifest.json").is_file()
+    has_manifest = any(f.name == MANIFEST_NAME for f in res.files)
     verified = (
         None
         if record is None
@@ -357,12 +457,16 @@ def status(directory: Path, as_json: bool) -> None:
         }
     )
     data = _residency_json(res) | {"manifest": has_manifest, "last_verification": verified}
+    _warn_skipped(res.skipped, "not measured")
 
     def human() -> None:
-        width = max((len(f.name) for f in res.files), default=4)
-        for f in res.files:
-            share = f.resident_bytes / f.bytes if f.bytes else 1.0
-            click.echo(f"{f.name:<{width}}  {format_size(f.bytes):>10}  {share:>5.0%} resident")
+        names = [show(f.name) for f in res.files]
+        width = max(map(len, names), default=4)
+        for name, f in zip(names, res.files, strict=True):
+            if f.resident_bytes is None:
+                click.echo(f"{name:<{width}}  {format_size(f.bytes):>10}  unknown residency")
+            else:
+                click.echo(f"{name:<{width}}  {format_size(f.bytes):>10}  {f.resident_bytes / (f.bytes or 1):>5.0%} resident")
         click.echo(f"{'total':<{width}}  {format_size(res.total_bytes):>10}  {_percent(res)}")
         click.echo(f"manifest: {_verification_line(has_manifest, verified)}")
 
@@ -374,13 +478,13 @@ def _verification_line(has_manifest: bool, verified: dict[str, Any] | None) -> s
         return "none (run `prewarm manifest DIR`)"
     if verified is None:
         return "never verified"
-    outcome = "OK" if verified["ok"] else f"{verified['problems']} problems"
+    outcome = "OK" if verified["ok"] else _plural(verified["problems"], "problem")
     changed = "; the manifest has changed since" if verified["manifest_changed"] else ""
     return f"last verified {verified['verified_at']}: {outcome}{changed}"
 
 
 @main.command()
-@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("directory", type=PATH)
 @_json_flag
 def evict(directory: Path, as_json: bool) -> None:
     """Drop DIRECTORY's files from the page cache (no root needed), e.g. to measure a cold start."""
@@ -388,9 +492,10 @@ def evict(directory: Path, as_json: bool) -> None:
 
     before, after = run_evict(directory)
     data = {"before": _residency_json(before), "after": _residency_json(after)}
+    _warn_skipped(after.skipped, "not evicted")
 
     def human() -> None:
-        click.echo(f"Evicted {directory}: {format_size(before.resident_bytes)} -> {format_size(after.resident_bytes)} resident")
+        click.echo(f"Evicted {show(str(directory))}: {_percent(before)} -> {_percent(after)} resident")
         if after.resident_bytes:
             click.echo("  what stayed is mapped or locked by another process (a running engine, `warm --lock`)")
 
@@ -398,7 +503,7 @@ def evict(directory: Path, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("directory", type=PATH)
 @_threads
 @_json_flag
 @click.pass_obj
@@ -410,14 +515,24 @@ def manifest(obj: Context, directory: Path, threads: int | None, as_json: bool) 
     from prewarm.manifest import build_manifest, write_manifest
 
     started = time.perf_counter()
-    result = build_manifest(directory, threads, obj.progress(as_json))
-    path = write_manifest(directory, result)
+    built = build_manifest(directory, threads, obj.progress(as_json))
+    result = built.manifest
+    write_manifest(directory, result, built.mode)
+    path = directory / MANIFEST_NAME
     seconds = time.perf_counter() - started
-    data = {"manifest": str(path), "files": len(result.files), "bytes": result.total_bytes, "seconds": round(seconds, 3)}
+    data = {
+        "manifest": str(path),
+        "files": len(result.files),
+        "bytes": result.total_bytes,
+        "seconds": round(seconds, 3),
+        "skipped": _skipped_json(built.skipped),
+    }
+    _warn_skipped(built.skipped, "not in the manifest")
     _emit(
         as_json,
         data,
         lambda: click.echo(
-            f"Wrote {path}: {len(result.files)} files, {format_size(result.total_bytes)} hashed in {seconds:.2f} s"
+            f"Wrote {show(str(path))}: {_plural(len(result.files), 'file')}, "
+            f"{format_size(result.total_bytes)} hashed in {seconds:.2f} s"
         ),
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import json
 import os
 import stat
 from dataclasses import dataclass
@@ -212,3 +213,40 @@ def list_regular_files(root: Root, exclude: frozenset[str] = frozenset()) -> Lis
             else:
                 files.append(relname)
     return Listing(tuple(sorted(files)), tuple(sorted(skipped, key=lambda s: s.name)))
+
+
+def read_small_file(root: Root, name: str, limit: int = 64 * 2**20) -> bytes:
+    """The bytes of a small regular file inside the root (a manifest, an index, a record)."""
+    fd = open_regular(root, name)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise NotRegular(f"{size} bytes, more than the {limit} this file may have")
+        chunks = []
+        while chunk := os.read(fd, 2**20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def parse_json(raw: bytes, file_names: bool = False) -> object:
+    """JSON from bytes someone else wrote: any failure (bad UTF-8, bad syntax, nesting deep enough
+    to exhaust the recursion limit, lone surrogates that are not text) is a ValueError.
+
+    With ``file_names``, escapes of U+DC80..U+DCFF pass: that is how a file name that is not valid
+    UTF-8 is written (Python's surrogateescape, as ``os.fsdecode`` gives it), and the real bytes
+    come back with ``os.fsencode``."""
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not valid UTF-8 text ({exc.reason})") from None
+    try:
+        json.dumps(doc, ensure_ascii=False).encode("utf-8", "surrogateescape" if file_names else "strict")
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except UnicodeEncodeError:
+        raise ValueError("a string with a lone surrogate (\\ud800...), which is not text") from None
+    return doc

@@ -17,7 +17,8 @@ class ExitCode(IntEnum):
     BAD_INPUT = 3  # the checkpoint or directory given is not what it should be
     IO = 4  # the filesystem said no: disk full, permission, missing path
     LIMIT = 5  # a system limit is too small (RLIMIT_MEMLOCK for --lock)
-    INTERRUPTED = 130
+    INTERRUPTED = 130  # Ctrl-C or SIGTERM
+    BROKEN_PIPE = 141  # whoever read our output stopped reading (128 + SIGPIPE), as Unix tools exit
 
 
 @dataclass

@@ -9,19 +9,35 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import stat
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import xxhash
 
 from prewarm.checkpoint import MANIFEST_NAME
+from prewarm.confine import (
+    Listing,
+    NotRegular,
+    Root,
+    Skipped,
+    list_regular_files,
+    open_regular,
+    parse_json,
+    read_small_file,
+    resolve_regular,
+    root_of,
+    unsafe_name_reason,
+)
 from prewarm.errors import FilesystemError, ManifestError
-from prewarm.fsutil import os_error, require_directory, write_file_atomic
+from prewarm.fsutil import os_error, write_file_atomic
 from prewarm.progress import NoProgress, Progress
+from prewarm.units import MAX_SIZE
 
 FORMAT = "prewarm-manifest"
 VERSION = 1
@@ -100,46 +116,89 @@ class Manifest:
 
 
 def read_manifest(directory: Path) -> Manifest:
+    """The manifest of ``directory``, every field checked: a damaged or hostile manifest is one
+    ManifestError, never a traceback, and names nothing outside the directory."""
     path = directory / MANIFEST_NAME
     try:
-        doc = json.loads(path.read_bytes())
+        raw = read_small_file(root_of(directory), MANIFEST_NAME, MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         raise ManifestError(
             "no prewarm.manifest.json here", str(directory), hint=f"run `prewarm manifest {directory}` to create one"
         ) from None
+    except NotRegular as why:
+        raise ManifestError(f"the manifest is {why.reason}", str(path), hint=_REBUILD_HINT) from None
     except OSError as exc:
         raise os_error(exc, path) from exc
-    except ValueError as exc:
-        raise ManifestError(f"not valid JSON: {exc}", str(path)) from None
     try:
-        if doc["format"] != FORMAT or doc["version"] != VERSION or doc["hash"] != HASH:
-            raise ManifestError(
-                f"unsupported manifest {doc['format']!r} version {doc['version']!r} hash {doc['hash']!r}", str(path)
-            )
-        files = {name: FileDigest(int(e["size"]), str(e[HASH]), tuple(e["chunks"])) for name, e in doc["files"].items()}
-        return Manifest(files, int(doc["chunk_size"]), doc.get("source", {}), doc.get("options", {}))
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise ManifestError(f"malformed manifest ({exc!r} missing or wrong)", str(path)) from None
+        return parse_manifest(parse_json(raw, file_names=True))
+    except ValueError as exc:
+        raise ManifestError(f"not a valid manifest: {exc}", str(path), hint=_REBUILD_HINT) from None
 
 
-def write_manifest(directory: Path, manifest: Manifest) -> Path:
-    path = directory / MANIFEST_NAME
-    write_file_atomic(path, manifest.to_json())
-    return path
+MAX_MANIFEST_BYTES = 1 << 30
+_REBUILD_HINT = "rebuild it: reshard again, or run `prewarm manifest DIR` on files you trust"
+_HEX128 = re.compile(r"[0-9a-f]{32}")
+
+
+def parse_manifest(doc: object) -> Manifest:
+    """A Manifest from parsed JSON; ValueError saying what is wrong."""
+    if not isinstance(doc, dict):
+        raise ValueError("not a JSON object")
+    if (doc.get("format"), doc.get("version"), doc.get("hash")) != (FORMAT, VERSION, HASH):
+        raise ValueError(f"unsupported format {doc.get('format')!r} version {doc.get('version')!r} hash {doc.get('hash')!r}")
+    chunk_size = doc.get("chunk_size")
+    if not _is_int(chunk_size) or not 1 <= chunk_size <= MAX_CHUNK_SIZE:
+        raise ValueError(f"chunk_size {chunk_size!r} is not a whole number of bytes from 1 to {MAX_CHUNK_SIZE}")
+    files, source, options = doc.get("files"), doc.get("source", {}), doc.get("options", {})
+    if not isinstance(files, dict) or not isinstance(source, dict) or not isinstance(options, dict):
+        raise ValueError("files, source and options must be JSON objects")
+    digests = {_checked_name(name): _parse_entry(name, entry, chunk_size) for name, entry in files.items()}
+    return Manifest(digests, chunk_size, source, options)
+
+
+MAX_CHUNK_SIZE = 1 << 30
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _checked_name(name: str) -> str:
+    reason = unsafe_name_reason(name)
+    if reason is None and name == MANIFEST_NAME:
+        reason = "the manifest itself"
+    if reason is not None:
+        raise ValueError(f"it lists {name!r}: {reason}, not a file inside the directory")
+    return name
+
+
+def _parse_entry(name: str, entry: object, chunk_size: int) -> FileDigest:
+    if not isinstance(entry, dict):
+        raise ValueError(f"the entry for {name!r} is not a JSON object")
+    size, whole, chunks = entry.get("size"), entry.get(HASH), entry.get("chunks")
+    if not _is_int(size) or not 0 <= size <= MAX_SIZE:
+        raise ValueError(f"{name!r} has size {size!r}, not a number of bytes")
+    if not isinstance(chunks, list) or not all(isinstance(c, str) and _HEX128.fullmatch(c) for c in [whole, *chunks]):
+        raise ValueError(f"{name!r} has digests that are not 32 hex digits")
+    if len(chunks) != -(-size // chunk_size):
+        raise ValueError(f"{name!r} has {len(chunks)} chunk digests, {-(-size // chunk_size)} expected for {size} bytes")
+    return FileDigest(size, str(whole), tuple(chunks))
+
+
+def write_manifest(directory: Path, manifest: Manifest, mode: int = 0o644) -> int:
+    """Write the manifest into ``directory``; the number of bytes written."""
+    data = manifest.to_json()
+    write_file_atomic(directory / MANIFEST_NAME, data, mode)
+    return len(data)
 
 
 def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
-def list_files(directory: Path) -> list[str]:
-    """Relative paths of the files a manifest covers: all but hidden ones and the manifest."""
-    found = []
-    for root, dirs, files in os.walk(directory):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        rel = Path(root).relative_to(directory)
-        found += [(rel / f).as_posix() for f in files if not f.startswith(".")]
-    return sorted(name for name in found if name != MANIFEST_NAME)
+def list_files(root: Root) -> Listing:
+    """The regular files a manifest covers (all but hidden ones and the manifest), and what was skipped."""
+    return list_regular_files(root, exclude=frozenset({MANIFEST_NAME}))
 
 
 def read_range(fd: int, offset: int, length: int, buffer: memoryview, consume: Callable[[memoryview], None]) -> int:
@@ -154,17 +213,14 @@ def read_range(fd: int, offset: int, length: int, buffer: memoryview, consume: C
     return done
 
 
-def read_file_range(path: Path, offset: int, length: int, consume: Callable[[memoryview], None]) -> int:
-    """Read ``length`` bytes of ``path`` from ``offset`` front to back on a descriptor of its own,
-    advised sequential: the kernel's readahead then ramps to its largest window and fills the page
-    cache with large folios, which a later mmap load (safetensors, vLLM) reads back 2x faster than
-    pages brought in by small interleaved reads (measured here)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_SEQUENTIAL)
-        return read_range(fd, offset, length, thread_buffer(min(length, READ_BUFFER) or 1), consume)
-    finally:
-        os.close(fd)
+def read_file_range(fd: int, offset: int, length: int, consume: Callable[[memoryview], None], exact: bool = False) -> int:
+    """Read ``length`` bytes of the file open at ``fd`` from ``offset`` front to back, advised
+    sequential: the kernel's readahead then ramps to its largest window and fills the page cache
+    with large folios, which a later mmap load (safetensors, vLLM) reads back 2x faster than pages
+    brought in by small interleaved reads (measured here). With ``exact``, readahead is off
+    (POSIX_FADV_RANDOM), so no page past the range is read: for a memory budget."""
+    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_RANDOM if exact else os.POSIX_FADV_SEQUENTIAL)
+    return read_range(fd, offset, length, thread_buffer(min(length, READ_BUFFER) or 1), consume)
 
 
 READ_BUFFER = 16 * 2**20
@@ -179,7 +235,7 @@ def thread_buffer(size: int) -> memoryview:
     return buf[:size]
 
 
-def digest_file(path: Path, chunk_size: int = CHUNK_SIZE, progress: Progress | None = None) -> FileDigest:
+def digest_file(root: Root, name: str, chunk_size: int = CHUNK_SIZE, progress: Progress | None = None) -> FileDigest:
     progress = progress or NoProgress()
     digester = Digester(chunk_size)
 
@@ -187,22 +243,33 @@ def digest_file(path: Path, chunk_size: int = CHUNK_SIZE, progress: Progress | N
         digester.update(view)
         progress.advance(len(view))
 
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise os_error(exc, path) from exc
+    fd = open_file(root, name)
     try:
         size = os.fstat(fd).st_size
         got = read_range(fd, 0, size, thread_buffer(chunk_size), consume)
     finally:
         os.close(fd)
     if got != size:
-        raise FilesystemError(f"changed while being read: {got} of {size} bytes", str(path))
+        raise FilesystemError(f"changed while being read: {got} of {size} bytes", str(root.path(name)), hint=_AGAIN_HINT)
     return digester.finish()
 
 
+_AGAIN_HINT = "run again when nothing is writing the directory"
+
+
+def open_file(root: Root, name: str) -> int:
+    """open_regular with its refusals as one-line errors naming the user's path."""
+    path = root.path(name)
+    try:
+        return open_regular(root, name)
+    except NotRegular as why:
+        raise FilesystemError(f"refused: {why.reason}", str(path), hint="remove it, or replace it with the real file") from None
+    except OSError as exc:
+        raise os_error(exc, path) from exc
+
+
 def digest_files(
-    directory: Path,
+    root: Root,
     names: Iterable[str],
     threads: int | None = None,
     progress: Progress | None = None,
@@ -210,19 +277,39 @@ def digest_files(
 ) -> dict[str, FileDigest]:
     """Digest files in parallel, largest first, each read once front to back."""
     progress = progress or NoProgress()
-    sizes = {name: (directory / name).stat().st_size for name in names}
+    sizes = {name: _size_of(root, name) for name in names}
     progress.start("hashing", sum(sizes.values()))
     order = sorted(sizes, key=lambda n: -sizes[n])
     with ThreadPoolExecutor(threads or default_threads()) as pool:
-        digests = dict(zip(order, pool.map(lambda n: digest_file(directory / n, chunk_size, progress), order), strict=True))
+        digests = dict(zip(order, pool.map(lambda n: digest_file(root, n, chunk_size, progress), order), strict=True))
     progress.finish()
     return {name: digests[name] for name in sorted(digests)}
 
 
+def _size_of(root: Root, name: str) -> int:
+    fd = open_file(root, name)
+    try:
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class BuiltManifest:
+    manifest: Manifest
+    skipped: tuple[Skipped, ...]  # FIFOs, sockets, symlinks leading outside the directory: not hashed
+    mode: int  # the permission bits all the files share: the manifest gets no more
+
+
 def build_manifest(
     directory: Path, threads: int | None = None, progress: Progress | None = None, source: Mapping[str, Any] | None = None
-) -> Manifest:
+) -> BuiltManifest:
     """A manifest of ``directory`` as it is now (for a directory prewarm did not write)."""
-    require_directory(directory)
-    files = digest_files(directory, list_files(directory), threads, progress)
-    return Manifest(files, CHUNK_SIZE, source or {"kind": "directory", "path": str(directory.resolve())})
+    root = root_of(directory)
+    listing = list_files(root)
+    files = digest_files(root, listing.files, threads, progress)
+    mode = 0o666
+    for name in listing.files:
+        mode &= stat.S_IMODE(resolve_regular(root, name)[1].st_mode)
+    manifest = Manifest(files, CHUNK_SIZE, source or {"kind": "directory", "path": str(directory.resolve())})
+    return BuiltManifest(manifest, listing.skipped, mode)

@@ -8,6 +8,7 @@ files we own or can write.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -58,26 +59,23 @@ class Mapping:
 
 
 @contextmanager
-def mapped(path: Path) -> Iterator[Mapping]:
-    mapping = map_file(path)
+def mapped(fd: int, path: Path) -> Iterator[Mapping]:
+    mapping = map_fd(fd, path)
     try:
         yield mapping
     finally:
         mapping.close()
 
 
-def map_file(path: Path) -> Mapping:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        if size == 0:
-            return Mapping(path, 0, None)
-        address = _libc.mmap(None, size, _PROT_READ, _MAP_SHARED, fd, 0)
-        if address in (None, _MAP_FAILED):
-            _check(-1, "mmap", path)
-        return Mapping(path, size, address)
-    finally:
-        os.close(fd)  # the mapping keeps the file open
+def map_fd(fd: int, path: Path) -> Mapping:
+    """Map the whole file open at ``fd`` (the caller may close ``fd``: the mapping keeps the file)."""
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return Mapping(path, 0, None)
+    address = _libc.mmap(None, size, _PROT_READ, _MAP_SHARED, fd, 0)
+    if address in (None, _MAP_FAILED):
+        _check(-1, "mmap", path)
+    return Mapping(path, size, address)
 
 
 def residency_vector(mapping: Mapping) -> bytes:
@@ -138,33 +136,47 @@ def cached_pages(fd: int, offset: int = 0, length: int = 0) -> int | None:
     return None
 
 
-def file_resident_bytes(path: Path) -> tuple[int, int]:
-    """(size, resident bytes) of one file: cachestat where it can, else mincore."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        whole = cached_pages(fd)
-        if whole is not None and size % PAGE_SIZE:
-            last = cached_pages(fd, size - size % PAGE_SIZE, PAGE_SIZE)
-            if last is not None:
-                return size, whole * PAGE_SIZE - (PAGE_SIZE - size % PAGE_SIZE if last else 0)
-        elif whole is not None:
-            return size, whole * PAGE_SIZE
-    finally:
-        os.close(fd)
-    with mapped(path) as mapping:
+def measurable(fd: int) -> bool:
+    """Whether the kernel tells us the truth about this file's pages: mincore(2) and cachestat(2)
+    do only for a file the caller owns or may write (else mincore says every page is resident and
+    cachestat refuses), see mm/mincore.c can_do_mincore."""
+    st = os.fstat(fd)
+    if st.st_uid == os.geteuid() or has_capability(_CAP_FOWNER):
+        return True
+    return os.access(f"/proc/self/fd/{fd}", os.W_OK, effective_ids=True)
+
+
+_CAP_FOWNER = 3  # capabilities(7)
+
+
+def has_capability(bit: int) -> bool:
+    with open("/proc/self/status") as f:
+        caps = next(line for line in f if line.startswith("CapEff:"))
+    return bool(int(caps.split()[1], 16) >> bit & 1)
+
+
+def fd_resident_bytes(fd: int, path: Path) -> tuple[int, int | None]:
+    """(size, resident bytes) of the file open at ``fd``: cachestat where it can, else mincore;
+    None where the kernel would not tell the truth (see ``measurable``)."""
+    size = os.fstat(fd).st_size
+    if not measurable(fd):
+        return size, None
+    whole = cached_pages(fd)
+    if whole is not None:
+        resident = whole * PAGE_SIZE
+        if size % PAGE_SIZE and cached_pages(fd, size - size % PAGE_SIZE, PAGE_SIZE):
+            resident -= PAGE_SIZE - size % PAGE_SIZE
+        return size, max(0, min(resident, size))  # a folio left past a shrunken EOF is not the file's
+    with mapped(fd, path) as mapping:
         return mapping.size, resident_bytes(residency_vector(mapping), mapping.size)
 
 
-def evict_file(path: Path) -> None:
+def evict_fd(fd: int) -> None:
     """Drop a file's clean pages from the cache: fdatasync (dirty pages cannot be dropped), then
     posix_fadvise(DONTNEED), which needs no privilege. Pages mapped or locked elsewhere stay."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
+    with contextlib.suppress(OSError):  # EBADF/EINVAL on a read-only descriptor of some filesystems
         os.fdatasync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def lock_mapping(mapping: Mapping) -> None:

@@ -47,6 +47,7 @@ DTYPE_BITS: dict[str, int] = {
 MAX_HEADER_BYTES = 100_000_000  # the reference implementation refuses larger headers
 METADATA_KEY = "__metadata__"
 _TENSOR_FIELDS = {"dtype", "shape", "data_offsets"}
+_HINT = "the file is damaged or not a safetensors file: fetch or export it again"
 
 
 @dataclass(frozen=True)
@@ -79,21 +80,25 @@ def tensor_nbytes(dtype: str, shape: Sequence[int]) -> int | None:
     return bits // 8 if bits % 8 == 0 else None
 
 
-def read_safetensors_header(path: Path) -> SafetensorsFile:
-    """Parse and validate ``path``'s header against its size; raise InvalidCheckpoint if broken."""
+def read_safetensors_header(path: Path, fd: int | None = None) -> SafetensorsFile:
+    """Parse and validate ``path``'s header (read from ``fd`` when given) against its size;
+    raise InvalidCheckpoint if broken."""
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb") if fd is None else os.fdopen(os.dup(fd), "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            prefix = f.read(8)
+            prefix = os.pread(f.fileno(), 8, 0)
             if len(prefix) < 8:
-                raise InvalidCheckpoint(f"not a safetensors file: only {size} bytes, too short for a header", str(path))
+                raise InvalidCheckpoint(
+                    f"not a safetensors file: only {size} bytes, too short for a header", str(path), hint=_HINT
+                )
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
                 raise InvalidCheckpoint(
                     f"invalid header length {header_len} for a file of {size} bytes (not a safetensors file, or truncated)",
                     str(path),
+                    hint=_HINT,
                 )
-            raw = f.read(header_len)
+            raw = os.pread(f.fileno(), header_len, 8)
     except OSError as exc:
         raise os_error(exc, path) from exc
     header = _parse_header_json(raw, path)
@@ -122,19 +127,32 @@ def _parse_header_json(raw: bytes, path: Path) -> dict[str, Any]:
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
     except _DuplicateKey as exc:
-        raise InvalidCheckpoint(f"header names tensor {exc.args[0]!r} twice", str(path)) from None
+        raise InvalidCheckpoint(f"header names tensor {exc.args[0]!r} twice", str(path), hint=_HINT) from None
+    except RecursionError:
+        raise InvalidCheckpoint("header is nested too deeply to be a safetensors header", str(path), hint=_HINT) from None
     except (UnicodeDecodeError, ValueError) as exc:
-        raise InvalidCheckpoint(f"header is not valid JSON: {exc}", str(path)) from None
+        raise InvalidCheckpoint(f"header is not valid JSON: {exc}", str(path), hint=_HINT) from None
     if not isinstance(header, dict):
-        raise InvalidCheckpoint("header is not a JSON object", str(path))
+        raise InvalidCheckpoint("header is not a JSON object", str(path), hint=_HINT)
+    for key in header:
+        if not _is_text(key):
+            raise InvalidCheckpoint(f"tensor name {key!r} has a lone surrogate, which is not text", str(path), hint=_HINT)
     return header
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _parse_metadata(value: Any, path: Path) -> dict[str, str] | None:
     if value is None:
         return None
-    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-        raise InvalidCheckpoint(f"{METADATA_KEY} must map strings to strings", str(path))
+    if not isinstance(value, dict) or not all(isinstance(v, str) and _is_text(v) and _is_text(k) for k, v in value.items()):
+        raise InvalidCheckpoint(f"{METADATA_KEY} must map strings to strings", str(path), hint=_HINT)
     return value
 
 
@@ -144,7 +162,7 @@ def _is_int(value: Any) -> bool:
 
 def _parse_entry(name: str, entry: Any, data_start: int, path: Path) -> TensorInfo:
     def bad(what: str) -> InvalidCheckpoint:
-        return InvalidCheckpoint(f"tensor {name!r}: {what}", str(path))
+        return InvalidCheckpoint(f"tensor {name!r}: {what}", str(path), hint=_HINT)
 
     if not isinstance(entry, dict):
         raise bad("entry is not a JSON object")
@@ -167,14 +185,15 @@ def _check_contiguous(tensors: Sequence[TensorInfo], data_start: int, size: int,
     cursor, previous = data_start, "the header"
     for t in tensors:
         if t.begin > cursor:
-            raise InvalidCheckpoint(f"hole of {t.begin - cursor} bytes between {previous} and tensor {t.name!r}", str(path))
+            hole = t.begin - cursor
+            raise InvalidCheckpoint(f"hole of {hole} bytes between {previous} and tensor {t.name!r}", str(path), hint=_HINT)
         if t.begin < cursor:
-            raise InvalidCheckpoint(f"tensor {t.name!r} overlaps {previous}", str(path))
+            raise InvalidCheckpoint(f"tensor {t.name!r} overlaps {previous}", str(path), hint=_HINT)
         cursor, previous = t.end, f"tensor {t.name!r}"
     if cursor > size:
-        raise InvalidCheckpoint(f"truncated: tensors need {cursor} bytes, the file has {size}", str(path))
+        raise InvalidCheckpoint(f"truncated: tensors need {cursor} bytes, the file has {size}", str(path), hint=_HINT)
     if cursor < size:
-        raise InvalidCheckpoint(f"{size - cursor} unexplained bytes after the last tensor", str(path))
+        raise InvalidCheckpoint(f"{size - cursor} unexplained bytes after the last tensor", str(path), hint=_HINT)
 
 
 def header_entry(name: str, dtype: str, shape: Sequence[int], begin: int, end: int) -> bytes:

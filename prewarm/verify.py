@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,15 +14,18 @@ from pathlib import Path
 import xxhash
 
 from prewarm.checkpoint import MANIFEST_NAME
-from prewarm.errors import FilesystemError, ManifestError
-from prewarm.fsutil import require_directory, write_file_atomic
+from prewarm.confine import NotRegular, Root, open_regular, parse_json, read_small_file, root_of
+from prewarm.errors import FilesystemError
+from prewarm.fsutil import write_file_atomic
 from prewarm.manifest import Manifest, default_threads, list_files, read_file_range, read_manifest
 from prewarm.progress import NoProgress, Progress
 
 
 @dataclass(frozen=True)
 class Problem:
-    """``kind`` is missing, extra, size, corrupt or unreadable; offset/length locate corruption."""
+    """``kind`` is missing, extra, size, corrupt, unreadable or refused (a FIFO, socket, device or a
+    symlink leading outside the directory, which verify does not open); offset/length locate
+    corruption."""
 
     file: str
     kind: str
@@ -49,7 +53,7 @@ READ_GROUP = 64  # chunks per task: 1 GiB read front to back, as warm's segments
 @dataclass(frozen=True)
 class _Chunk:
     file: str
-    path: Path
+    root: Root
     offset: int
     length: int
     expected: str
@@ -58,10 +62,12 @@ class _Chunk:
 def verify_directory(directory: Path, threads: int | None = None, progress: Progress | None = None) -> VerifyReport:
     """Hash every byte ``directory``'s manifest covers, once, on ``threads`` threads."""
     started = time.perf_counter()
-    require_directory(directory)
+    root = root_of(directory)
     manifest = read_manifest(directory)
-    problems = [Problem(name, "extra") for name in list_files(directory) if name not in manifest.files]
-    chunks = _plan_chunks(directory, manifest, problems)
+    listing = list_files(root)
+    problems = [Problem(name, "extra") for name in listing.files if name not in manifest.files]
+    problems += [Problem(s.name, "extra", detail=s.reason) for s in listing.skipped if s.name not in manifest.files]
+    chunks = _plan_chunks(root, manifest, problems)
     problems += _check_chunks(chunks, threads or default_threads(), progress or NoProgress())
     order = {name: i for i, name in enumerate(sorted(set(manifest.files) | {p.file for p in problems}))}
     problems.sort(key=lambda p: (order[p.file], p.offset or 0))
@@ -70,17 +76,17 @@ def verify_directory(directory: Path, threads: int | None = None, progress: Prog
     )
 
 
-def _plan_chunks(directory: Path, manifest: Manifest, problems: list[Problem]) -> list[_Chunk]:
-    """The chunks to hash; files that are missing, unreadable or resized become problems now."""
+def _plan_chunks(root: Root, manifest: Manifest, problems: list[Problem]) -> list[_Chunk]:
+    """The chunks to hash; files that are missing, refused, unreadable or resized become problems now."""
     chunks = []
     for name, digest in sorted(manifest.files.items()):
-        expected_chunks = -(-digest.size // manifest.chunk_size)
-        if len(digest.chunks) != expected_chunks:
-            raise ManifestError(f"{name} has {len(digest.chunks)} chunk digests, {expected_chunks} expected", str(directory))
         try:
-            fd = os.open(directory / name, os.O_RDONLY)  # opened, not just stat'ed: unreadable shows here
+            fd = open_regular(root, name)  # opened, not just stat'ed: unreadable shows here
         except FileNotFoundError:
             problems.append(Problem(name, "missing"))
+            continue
+        except NotRegular as why:
+            problems.append(Problem(name, "refused", detail=why.reason))
             continue
         except OSError as exc:
             problems.append(Problem(name, "unreadable", detail=exc.strerror or str(exc)))
@@ -94,7 +100,7 @@ def _plan_chunks(directory: Path, manifest: Manifest, problems: list[Problem]) -
             continue
         for i, expected in enumerate(digest.chunks):
             offset = i * manifest.chunk_size
-            chunks.append(_Chunk(name, directory / name, offset, min(manifest.chunk_size, size - offset), expected))
+            chunks.append(_Chunk(name, root, offset, min(manifest.chunk_size, size - offset), expected))
     return chunks
 
 
@@ -122,7 +128,7 @@ def _groups(chunks: list[_Chunk]) -> list[list[_Chunk]]:
     groups: list[list[_Chunk]] = []
     for chunk in chunks:
         last = groups[-1] if groups else None
-        if last and len(last) < READ_GROUP and last[-1].path == chunk.path and last[-1].offset + last[-1].length == chunk.offset:
+        if last and len(last) < READ_GROUP and last[-1].file == chunk.file and last[-1].offset + last[-1].length == chunk.offset:
             last.append(chunk)
         else:
             groups.append([chunk])
@@ -147,8 +153,12 @@ def _hash_group(group: list[_Chunk], progress: Progress) -> list[tuple[int, str]
             if done[index] == group[index].length and index + 1 < len(group):
                 index += 1
 
-    with contextlib.suppress(OSError):  # the file vanished or became unreadable meanwhile: chunks come out short
-        read_file_range(group[0].path, start, end - start, consume)
+    with contextlib.suppress(OSError, NotRegular):  # the file vanished or was replaced meanwhile: chunks come out short
+        fd = open_regular(group[0].root, group[0].file)
+        try:
+            read_file_range(fd, start, end - start, consume)
+        finally:
+            os.close(fd)
     return [(n, h.hexdigest()) for n, h in zip(done, hashers, strict=True)]
 
 
@@ -172,6 +182,7 @@ def _merge_adjacent(problems: list[Problem]) -> list[Problem]:
 
 
 RECORD_NAME = ".prewarm-verified.json"  # hidden: manifests and verify ignore it
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -179,42 +190,44 @@ class VerificationRecord:
     verified_at: float  # seconds since the epoch
     ok: bool
     problems: int
-    manifest_changed: bool  # the manifest is not the one that was verified
+    manifest_changed: bool  # the manifest's bytes are not the ones that were verified
 
 
-def record_verification(report: VerifyReport) -> bool:
-    """Note the result beside the manifest, for `prewarm status`; False if DIR is not writable."""
+def record_verification(report: VerifyReport) -> None:
+    """Note the result beside the manifest, for `prewarm status`. Raises FilesystemError when DIR
+    cannot take it (read-only): the caller reports the check first and this as a warning."""
     doc = {
         "verified_at": time.time(),
         "ok": report.ok,
         "problems": len(report.problems),
-        "manifest": _manifest_identity(report.directory),
+        "manifest_xxh3_128": _manifest_digest(report.directory),
     }
-    try:
-        write_file_atomic(report.directory / RECORD_NAME, (json.dumps(doc) + "\n").encode())
-    except FilesystemError:
-        return False
-    return True
+    write_file_atomic(report.directory / RECORD_NAME, (json.dumps(doc) + "\n").encode(), 0o644)
 
 
 def last_verification(directory: Path) -> VerificationRecord | None:
+    """The last record, or None when there is none; a damaged one is treated as absent, with a warning."""
     try:
-        doc = json.loads((directory / RECORD_NAME).read_bytes())
+        doc = parse_json(read_small_file(root_of(directory), RECORD_NAME, 1 << 20))
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
         return VerificationRecord(
             float(doc["verified_at"]),
             bool(doc["ok"]),
             int(doc["problems"]),
-            doc["manifest"] != _manifest_identity(directory),
+            doc.get("manifest_xxh3_128") != _manifest_digest(directory),
         )
-    except (OSError, ValueError, KeyError, TypeError):
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, OverflowError, NotRegular) as exc:
+        log.warning("%s: ignoring a damaged verification record (%s)", directory / RECORD_NAME, exc)
         return None
 
 
-def _manifest_identity(directory: Path) -> list[int] | None:
-    """(size, mtime, inode) of the manifest: a rewrite changes it, and stat leaves the page cache
-    alone, so `prewarm status` does not change what it measures."""
+def _manifest_digest(directory: Path) -> str | None:
+    """xxh3-128 of the manifest's bytes: a copy (`cp -a`, rsync) is the same manifest, a rewrite
+    is not. Read after residency is measured, so `prewarm status` does not change what it shows."""
     try:
-        stat = (directory / MANIFEST_NAME).stat()
-    except OSError:
+        return xxhash.xxh3_128_hexdigest(read_small_file(root_of(directory), MANIFEST_NAME, 1 << 30))
+    except (OSError, NotRegular, FilesystemError):
         return None
-    return [stat.st_size, stat.st_mtime_ns, stat.st_ino]

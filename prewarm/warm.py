@@ -18,16 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prewarm.checkpoint import MANIFEST_NAME
+from prewarm.confine import NotRegular, Root, Skipped, open_regular, resolve_regular, root_of
 from prewarm.errors import ExitCode, FilesystemError, PrewarmError
-from prewarm.fsutil import os_error, require_directory
+from prewarm.fsutil import os_error
 from prewarm.manifest import default_threads, list_files, read_file_range
 from prewarm.pagecache import (
     PAGE_SIZE,
     Mapping,
-    evict_file,
-    file_resident_bytes,
+    evict_fd,
+    fd_resident_bytes,
+    has_capability,
     lock_mapping,
-    map_file,
+    map_fd,
     mapped,
     missing_ranges,
     pages,
@@ -49,13 +51,14 @@ _CAP_IPC_LOCK = 14  # capabilities(7): lets a process lock memory past RLIMIT_ME
 class FileResidency:
     name: str
     bytes: int
-    resident_bytes: int
+    resident_bytes: int | None  # None: the kernel will not say (a file we neither own nor may write)
 
 
 @dataclass(frozen=True)
 class Residency:
     directory: Path
     files: tuple[FileResidency, ...]
+    skipped: tuple[Skipped, ...] = ()  # not regular files, or symlinks leading outside: never opened
 
     @property
     def total_bytes(self) -> int:
@@ -63,11 +66,17 @@ class Residency:
 
     @property
     def resident_bytes(self) -> int:
-        return sum(f.resident_bytes for f in self.files)
+        """Bytes known to be resident (files of unknown residency count as none)."""
+        return sum(f.resident_bytes or 0 for f in self.files)
+
+    @property
+    def unknown_bytes(self) -> int:
+        return sum(f.bytes for f in self.files if f.resident_bytes is None)
 
     @property
     def complete(self) -> bool:
-        return self.resident_bytes == self.total_bytes
+        """Every file whose residency can be measured is wholly resident."""
+        return self.resident_bytes == self.total_bytes - self.unknown_bytes
 
 
 @dataclass(frozen=True)
@@ -87,30 +96,60 @@ class MemoryLockLimit(PrewarmError):
     exit_code: ExitCode = ExitCode.LIMIT
 
 
-def serving_files(directory: Path) -> list[str]:
-    """The files to keep hot, weights first in file-name (model) order, then the small files."""
-    require_directory(directory)
-    names = list_files(directory) + ([MANIFEST_NAME] if (directory / MANIFEST_NAME).is_file() else [])
-    return sorted(names, key=lambda n: (not n.endswith(".safetensors"), n))
+@dataclass(frozen=True)
+class ServingFiles:
+    root: Root
+    names: tuple[str, ...]  # weights first in file-name (model) order, then the small files
+    skipped: tuple[Skipped, ...]
 
 
-def residency(directory: Path, names: list[str] | None = None) -> Residency:
+def serving_files(directory: Path) -> ServingFiles:
+    """The files to keep hot, and what is there but will not be opened (FIFOs, outside symlinks)."""
+    root = root_of(directory)
+    listing = list_files(root)
+    names = list(listing.files)
+    skipped = list(listing.skipped)
+    try:
+        resolve_regular(root, MANIFEST_NAME)
+        names.append(MANIFEST_NAME)
+    except FileNotFoundError:
+        pass
+    except NotRegular as why:
+        skipped.append(Skipped(MANIFEST_NAME, why.reason))
+    return ServingFiles(root, tuple(sorted(names, key=lambda n: (not n.endswith(".safetensors"), n))), tuple(skipped))
+
+
+def residency(directory: Path, files: ServingFiles | None = None) -> Residency:
     """Bytes resident per file (cachestat(2), or mincore(2) where the kernel lacks it)."""
-    files = []
-    for name in names if names is not None else serving_files(directory):
-        with _as_prewarm_error(directory / name):
-            files.append(FileResidency(name, *file_resident_bytes(directory / name)))
-    return Residency(directory, tuple(files))
+    files = files or serving_files(directory)
+    measured = []
+    for name in files.names:
+        with _opened(files.root, name) as fd:
+            measured.append(FileResidency(name, *fd_resident_bytes(fd, files.root.path(name))))
+    return Residency(directory, tuple(measured), files.skipped)
 
 
 @contextmanager
-def _as_prewarm_error(path: Path) -> Iterator[None]:
+def _opened(root: Root, name: str) -> Iterator[int]:
+    """The file open for reading; its failures as one-line errors naming it."""
+    path = root.path(name)
     try:
-        yield
+        fd = open_regular(root, name)
     except FileNotFoundError:
-        raise FilesystemError("disappeared while being warmed", str(path)) from None
+        raise FilesystemError("disappeared while prewarm was working on it", str(path), hint=_AGAIN) from None
+    except NotRegular as why:
+        raise FilesystemError(f"replaced while prewarm was working on it: {why.reason}", str(path), hint=_AGAIN) from None
     except OSError as exc:
         raise os_error(exc, path) from exc
+    try:
+        yield fd
+    except OSError as exc:
+        raise os_error(exc, path) from exc
+    finally:
+        os.close(fd)
+
+
+_AGAIN = "run again when nothing is changing the directory"
 
 
 def memory_available() -> int:
@@ -129,14 +168,15 @@ def default_budget() -> int:
 
 
 def warm(directory: Path, threads: int | None = None, progress: Progress | None = None, budget: int | None = None) -> WarmResult:
-    """Read every non-resident page of ``directory``'s files into the page cache, then measure."""
+    """Read every non-resident page of ``directory``'s files into the page cache, then measure.
+    Files whose residency the kernel will not report are read whole."""
     progress = progress or NoProgress()
     started = time.perf_counter()
-    names = serving_files(directory)
-    before, work = _plan_reads(directory, names)
+    files = serving_files(directory)
+    before, work = _plan_reads(directory, files)
     origin = "available memory less a tenth" if budget is None else "the budget given"
     budget = default_budget() if budget is None else budget
-    needed = sum(length for _, _, length in work)
+    needed = sum(piece.length for piece in work)
     limited = needed > budget
     if limited:
         log.warning(
@@ -147,80 +187,86 @@ def warm(directory: Path, threads: int | None = None, progress: Progress | None 
             origin,
         )
         work = _trim(work, budget)
-    progress.start("warming", sum(length for _, _, length in work))
-    read = _read_pieces(directory, work, threads, progress)
+    progress.start("warming", sum(piece.length for piece in work))
+    read = _read_pieces(files.root, work, threads, progress)
     progress.finish()
-    after = residency(directory, names)
+    after = residency(directory, files)
     if not after.complete and not limited:
         # Under memory pressure the kernel may drop pages read early (they sit on the inactive
         # LRU list) while later ones come in: read what went missing once more, then measure.
-        _, missing = _plan_reads(directory, names)
-        read += _read_pieces(directory, missing, threads, NoProgress())
-        after = residency(directory, names)
+        _, missing = _plan_reads(directory, files, measurable_only=True)
+        read += _read_pieces(files.root, missing, threads, NoProgress())
+        after = residency(directory, files)
     return WarmResult(before, after, read, time.perf_counter() - started, budget, limited)
 
 
-def _read_pieces(directory: Path, work: list[tuple[str, int, int]], threads: int | None, progress: Progress) -> int:
+@dataclass(frozen=True)
+class _Piece:
+    name: str
+    offset: int
+    length: int
+    exact: bool = False  # cut short by the budget: read no page past it
+
+
+def _read_pieces(root: Root, work: list[_Piece], threads: int | None, progress: Progress) -> int:
     if not work:
         return 0
     with ThreadPoolExecutor(threads or default_threads(), thread_name_prefix="prewarm-warm") as pool:
-        return sum(pool.map(lambda item: _read_piece(directory, item, progress), work))
+        return sum(pool.map(lambda piece: _read_piece(root, piece, progress), work))
 
 
-def _plan_reads(directory: Path, names: list[str]) -> tuple[Residency, list[tuple[str, int, int]]]:
-    """Residency now, and the segments to read: only where pages are missing (mincore). The small
-    files come first (they cost nothing and every loader needs them), then weights in model order."""
-    before = residency(directory, names)
+def _plan_reads(directory: Path, files: ServingFiles, measurable_only: bool = False) -> tuple[Residency, list[_Piece]]:
+    """Residency now, and the segments to read: only where pages are missing (mincore), or the whole
+    file where residency is unknown. The small files come first (they cost nothing and every loader
+    needs them), then weights in model order."""
+    before = residency(directory, files)
     work = []
     for f in before.files:
-        if f.resident_bytes == f.bytes:
+        if f.resident_bytes == f.bytes or (f.resident_bytes is None and measurable_only):
             continue
-        with _as_prewarm_error(directory / f.name), mapped(directory / f.name) as mapping:
-            vector = residency_vector(mapping)
-        for offset, length in missing_ranges(vector, mapping.size):
-            work += [(f.name, o, min(SEGMENT, offset + length - o)) for o in range(offset, offset + length, SEGMENT)]
-    small_first = sorted(work, key=lambda item: item[0].endswith(".safetensors"))  # stable: weights keep model order
+        ranges = [(0, f.bytes)]
+        if f.resident_bytes is not None:
+            with _opened(files.root, f.name) as fd, mapped(fd, files.root.path(f.name)) as mapping:
+                ranges = missing_ranges(residency_vector(mapping), mapping.size)
+        for offset, length in ranges:
+            work += [_Piece(f.name, o, min(SEGMENT, offset + length - o)) for o in range(offset, offset + length, SEGMENT)]
+    small_first = sorted(work, key=lambda piece: piece.name.endswith(".safetensors"))  # stable: weights keep model order
     return before, small_first
 
 
-def _trim(work: list[tuple[str, int, int]], budget: int) -> list[tuple[str, int, int]]:
+def _trim(work: list[_Piece], budget: int) -> list[_Piece]:
     """The longest prefix of ``work`` that fits in ``budget`` bytes (the last segment cut short)."""
     kept, total = [], 0
-    for name, offset, length in work:
-        take = min(length, (budget - total) // PAGE_SIZE * PAGE_SIZE)
+    for piece in work:
+        take = min(piece.length, (budget - total) // PAGE_SIZE * PAGE_SIZE)
         if take <= 0:
             break
-        kept.append((name, offset, take))
+        kept.append(_Piece(piece.name, piece.offset, take, exact=take < piece.length))
         total += take
     return kept
 
 
-def _read_piece(directory: Path, item: tuple[str, int, int], progress: Progress) -> int:
-    name, offset, length = item
-    path = directory / name
-    with _as_prewarm_error(path):
-        got = read_file_range(path, offset, length, lambda view: progress.advance(len(view)))
-    if got != length:
-        raise FilesystemError(f"changed while being warmed: shorter than {offset + length} bytes", str(path))
+def _read_piece(root: Root, piece: _Piece, progress: Progress) -> int:
+    with _opened(root, piece.name) as fd:
+        got = read_file_range(fd, piece.offset, piece.length, lambda view: progress.advance(len(view)), piece.exact)
+    if got != piece.length:
+        end = piece.offset + piece.length
+        raise FilesystemError(f"changed while being warmed: shorter than {end} bytes", str(root.path(piece.name)), hint=_AGAIN)
     return got
 
 
 def evict(directory: Path) -> tuple[Residency, Residency]:
     """Drop ``directory``'s pages from the page cache; (before, after) residency."""
-    names = serving_files(directory)
-    before = residency(directory, names)
-    for name in names:
-        try:
-            evict_file(directory / name)
-        except OSError as exc:
-            raise os_error(exc, directory / name) from exc
-    return before, residency(directory, names)
+    files = serving_files(directory)
+    before = residency(directory, files)
+    for name in files.names:
+        with _opened(files.root, name) as fd:
+            evict_fd(fd)
+    return before, residency(directory, files)
 
 
 def can_lock_unlimited() -> bool:
-    with open("/proc/self/status") as f:
-        caps = next(line for line in f if line.startswith("CapEff:"))
-    return bool(int(caps.split()[1], 16) >> _CAP_IPC_LOCK & 1)
+    return has_capability(_CAP_IPC_LOCK)
 
 
 def check_lock_limit(needed: int) -> None:
@@ -240,21 +286,25 @@ class PageLock:
     """Files of a directory locked in memory (mlock) until ``release``; the daemon owns one."""
 
     def __init__(self, directory: Path, progress: Progress | None = None) -> None:
-        names = serving_files(directory)
-        sizes = {name: (directory / name).stat().st_size for name in names}
-        self.locked_bytes = sum(pages(size) * PAGE_SIZE for size in sizes.values())
-        check_lock_limit(self.locked_bytes)
+        files = serving_files(directory)
         self.mappings: list[Mapping] = []
-        progress = progress or NoProgress()
-        progress.start("locking", sum(sizes.values()))
         try:
-            for name in names:
+            for name in files.names:
+                with _opened(files.root, name) as fd:
+                    self.mappings.append(map_fd(fd, files.root.path(name)))
+        except BaseException:
+            self.release()
+            raise
+        self.locked_bytes = sum(pages(m.size) * PAGE_SIZE for m in self.mappings)
+        check_lock_limit(self.locked_bytes)
+        progress = progress or NoProgress()
+        progress.start("locking", sum(m.size for m in self.mappings))
+        try:
+            for mapping in self.mappings:
                 try:
-                    mapping = map_file(directory / name)
-                    self.mappings.append(mapping)
                     lock_mapping(mapping)
                 except OSError as exc:
-                    raise os_error(exc, directory / name) from exc
+                    raise os_error(exc, mapping.path) from exc
                 progress.advance(mapping.size)
         except BaseException:
             self.release()
