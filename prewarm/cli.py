@@ -89,7 +89,10 @@ class PrewarmGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         debug = debug_enabled() or "--debug" in sys.argv[1:]
-        as_json = lambda: isinstance(ctx.obj, Context) and ctx.obj.as_json
+
+        def as_json() -> bool:
+            return isinstance(ctx.obj, Context) and ctx.obj.as_json
+
         try:
             return super().invoke(ctx)
         except BrokenPipeError:
