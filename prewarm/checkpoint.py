@@ -172,7 +172,9 @@ def _scan_directory(root: Root) -> tuple[list[str], list[str], list[str], list[S
     """(weight files, other files, skipped names, refused entries) at the top of the checkpoint."""
     listing = list_regular_files(root)
     entries = [n for n in listing.files if "/" not in n]
-    subdirectories = sorted({n.split("/", 1)[0] for n in listing.files if "/" in n})  # e.g. "original/"
+    subdirectories = sorted(  # e.g. "original/" with another format's weights
+        e.name for e in os.scandir(root.directory) if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")
+    )
     refused = [s for s in listing.skipped if "/" not in s.name]
     shards = [n for n in entries if n.endswith(".safetensors")]
     skipped: list[str] = []

@@ -421,7 +421,7 @@ def warm(obj: Context, directory: Path, lock: bool, budget: str | None, threads:
 
     if not lock or not result.after.complete:
         _emit(as_json, data, human)
-        if not result.after.complete:
+        if not result.after.complete or result.after.skipped:
             sys.exit(int(ExitCode.CHECK_FAILED))
         return
     with PageLock(directory, obj.progress(as_json)) as held:

@@ -130,7 +130,11 @@ def read_manifest(directory: Path) -> Manifest:
     except OSError as exc:
         raise os_error(exc, path) from exc
     try:
-        return parse_manifest(parse_json(raw, file_names=True))
+        doc = parse_json(raw, file_names=True)
+    except ValueError as exc:
+        raise ManifestError(f"not valid JSON: {exc}", str(path), hint=_REBUILD_HINT) from None
+    try:
+        return parse_manifest(doc)
     except ValueError as exc:
         raise ManifestError(f"not a valid manifest: {exc}", str(path), hint=_REBUILD_HINT) from None
 

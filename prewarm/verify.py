@@ -18,6 +18,7 @@ from prewarm.confine import NotRegular, Root, open_regular, parse_json, read_sma
 from prewarm.errors import FilesystemError
 from prewarm.fsutil import write_file_atomic
 from prewarm.manifest import Manifest, default_threads, list_files, read_file_range, read_manifest
+from prewarm.pagecache import cached_pages
 from prewarm.progress import NoProgress, Progress
 
 
@@ -228,6 +229,18 @@ def _manifest_digest(directory: Path) -> str | None:
     """xxh3-128 of the manifest's bytes: a copy (`cp -a`, rsync) is the same manifest, a rewrite
     is not. Read after residency is measured, so `prewarm status` does not change what it shows."""
     try:
-        return xxhash.xxh3_128_hexdigest(read_small_file(root_of(directory), MANIFEST_NAME, 1 << 30))
+        fd = open_regular(root_of(directory), MANIFEST_NAME)
     except (OSError, NotRegular, FilesystemError):
         return None
+    try:
+        was_cached = cached_pages(fd)
+        digest = xxhash.xxh3_128()
+        while chunk := os.read(fd, 2**20):
+            digest.update(chunk)
+        if was_cached == 0:  # looking must not warm: `prewarm status` reports this file's residency
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return digest.hexdigest()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)

@@ -71,7 +71,7 @@ def test_a_flipped_byte_is_located_to_its_chunk(restore: Path, offset: int) -> N
         assert p["length"] == 16 * 2**20 and p["offset"] % (16 * 2**20) == 0
         human = run_prewarm("verify", restore)
         assert f"corrupt    {SHARD} bytes {p['offset']}-{p['offset'] + p['length'] - 1}" in human.stdout
-        assert "FAILED: 1 problems" in human.stdout
+        assert "FAILED: 1 problem:" in human.stdout
     finally:
         _flip(restore / SHARD, offset)
 
@@ -111,7 +111,7 @@ def test_a_garbled_manifest_is_one_line(tmp_path: Path) -> None:
     (tmp_path / MANIFEST_NAME).write_text("{not json")
     assert_clean_failure(run_prewarm("verify", tmp_path), 3, "not valid JSON")
     (tmp_path / MANIFEST_NAME).write_text('{"format": "prewarm-manifest", "version": 1, "hash": "xxh3_128"}')
-    assert_clean_failure(run_prewarm("verify", tmp_path), 3, "malformed manifest")
+    assert_clean_failure(run_prewarm("verify", tmp_path), 3, "not a valid manifest")
 
 
 def test_manifest_for_a_hub_style_snapshot_with_symlinks(tiny_model: Path, tmp_path: Path) -> None:
@@ -134,9 +134,9 @@ def test_manifest_for_a_hub_style_snapshot_with_symlinks(tiny_model: Path, tmp_p
 
 def test_manifest_is_rewritten_atomically_and_ignores_itself(tmp_path: Path) -> None:
     (tmp_path / "a.bin").write_bytes(b"1" * 100)
-    write_manifest(tmp_path, build_manifest(tmp_path))
+    write_manifest(tmp_path, build_manifest(tmp_path).manifest)
     first = (tmp_path / MANIFEST_NAME).read_bytes()
-    write_manifest(tmp_path, build_manifest(tmp_path))
+    write_manifest(tmp_path, build_manifest(tmp_path).manifest)
     assert (tmp_path / MANIFEST_NAME).read_bytes() == first
     assert sorted(os.listdir(tmp_path)) == ["a.bin", MANIFEST_NAME]
 
