@@ -93,13 +93,14 @@ def remove_stale_temps(final: Path) -> list[Path]:
     removed = []
     prefix = _temp_prefix(final)
     for entry in final.parent.iterdir():
-        if entry.name.startswith(prefix) and entry.name.endswith(_TEMP_SUFFIX) and _stale(entry):
-            shutil.rmtree(entry, ignore_errors=True)  # fd-based on Linux: never follows a symlink inside
+        if entry.name.startswith(prefix) and entry.name.endswith(_TEMP_SUFFIX) and _remove_if_stale(entry):
             removed.append(entry)
     return removed
 
 
-def _stale(entry: Path) -> bool:
+def _remove_if_stale(entry: Path) -> bool:
+    """Remove ``entry`` if no live run holds its lock (in this PID namespace or another); the lock is
+    held while removing, so a run that has just created it and waits for its lock sees it gone."""
     try:
         fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
@@ -108,21 +109,21 @@ def _stale(entry: Path) -> bool:
         if os.fstat(fd).st_uid != os.geteuid():
             return False
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        shutil.rmtree(entry, ignore_errors=True)  # fd-based on Linux: never follows a symlink inside
+        return True
     except OSError:
-        return False  # locked: a live run (in this PID namespace or another) is writing it
+        return False  # locked: a live run is writing it
     finally:
         os.close(fd)
-    return True
 
 
 @contextmanager
 def atomic_directory(final: Path, mode: int = 0o777) -> Iterator[Path]:
     """Yield a private temp directory beside ``final``; on success it becomes ``final`` in one rename.
 
-    The temp directory is created 0700 under a name no cleaner matches, locked, and only then
-    renamed to its findable name, so a concurrent run never takes it for stale. On an exception
-    (or KeyboardInterrupt) it is removed; after a SIGKILL the lock dies with us and the next run
-    for the same target removes it. ``mode`` (less the umask) is what ``final`` gets.
+    The temp directory is created 0700 and locked at once; on an exception (or KeyboardInterrupt)
+    it is removed; after a SIGKILL the lock dies with us and the next run for the same target
+    removes it. ``mode`` (less the umask) is what ``final`` gets.
     """
     if str(final) in ("", "."):
         raise FilesystemError("an empty path was given", hint="name the directory to create (is a shell variable unset?)")
@@ -133,16 +134,8 @@ def atomic_directory(final: Path, mode: int = 0o777) -> Iterator[Path]:
         raise FilesystemError("parent directory does not exist", str(parent), hint="create it first")
     with contextlib.suppress(OSError):
         remove_stale_temps(final)
+    temp, lock = _locked_temp_directory(final)
     try:
-        staging = Path(tempfile.mkdtemp(prefix=".prewarm-new-", dir=parent))
-    except OSError as exc:
-        raise os_error(exc, final) from exc
-    lock = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    temp = staging
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        temp = Path(tempfile.mktemp(prefix=_temp_prefix(final), suffix=_TEMP_SUFFIX, dir=parent))
-        rename_no_replace(staging, temp)
         yield temp
         os.fchmod(lock, mode & ~current_umask())
         os.fsync(lock)
@@ -152,6 +145,27 @@ def atomic_directory(final: Path, mode: int = 0o777) -> Iterator[Path]:
         shutil.rmtree(temp, ignore_errors=True)
         raise
     finally:
+        os.close(lock)
+
+
+def _locked_temp_directory(final: Path) -> tuple[Path, int]:
+    """A new 0700 directory beside ``final``, and a descriptor holding its flock. A cleaner that
+    locked it first (between our mkdir and flock) has removed it: then make another."""
+    while True:
+        try:
+            temp = Path(tempfile.mkdtemp(prefix=_temp_prefix(final), suffix=_TEMP_SUFFIX, dir=final.parent))
+            lock = os.open(temp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise os_error(exc, final) from exc
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            still_there = os.path.samestat(os.fstat(lock), os.lstat(temp))
+        except FileNotFoundError:
+            still_there = False
+        if still_there:
+            return temp, lock
         os.close(lock)
 
 
