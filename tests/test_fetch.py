@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from prewarm.manifest import read_manifest
 from tests.helpers import ROOT, assert_clean_failure, run_prewarm
@@ -305,3 +310,294 @@ def test_a_damaged_partial_is_caught_by_the_hash_and_deleted(
 def test_without_prewarm_cache_files_go_under_hf_home(env: dict[str, str], tmp_path: Path) -> None:
     result = summary(fetch({k: v for k, v in env.items() if k != "PREWARM_CACHE"}))
     assert Path(result["directory"]) == tmp_path / "hf" / "prewarm" / "hub" / "Qwen--Tiny-Qwen2" / NEW
+
+
+# -- a destination someone else can write: planted symlinks are never followed -------------------
+
+BIG = "3" * 40
+
+
+def _big_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache" / "hub" / "Qwen--Big" / BIG
+
+
+def _as_nobody(script: str) -> None:
+    subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-euc", script], check=True)
+
+
+@pytest.mark.parametrize("link", ["symlink", "hard link"])
+def test_a_link_planted_at_a_partial_name_is_never_written_through(
+    env: dict[str, str], hub: Hub, big_repo: Path, tmp_path: Path, link: str
+) -> None:
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(before := os.urandom(2**20))
+    partial = _plant_partial(tmp_path, b"")
+    partial.unlink()
+    (partial.symlink_to if link == "symlink" else partial.hardlink_to)(outside)
+    proc = run_prewarm("fetch", "Qwen/Big", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "was not a partial download of ours" in proc.stderr
+    assert outside.read_bytes() == before, "the file the link led to was written"
+    assert (_big_dir(tmp_path) / "model.safetensors").read_bytes() == big_repo.read_bytes()
+
+
+@pytest.mark.parametrize("planted", ["symlink", "another user's directory"])
+def test_a_partial_directory_that_is_not_ours_is_refused(
+    env: dict[str, str], hub: Hub, big_repo: Path, shared_dir: Path, planted: str
+) -> None:
+    outside = shared_dir / "outside.bin"
+    outside.write_bytes(before := os.urandom(2**20))
+    dest = shared_dir / "dest"
+    dest.mkdir()
+    dest.chmod(0o777)  # writable by anyone, as a shared cache might be
+    if planted == "symlink":
+        (shared_dir / "elsewhere").mkdir()
+        (shared_dir / "elsewhere" / "model.safetensors.part").symlink_to(outside)
+        _as_nobody(f"ln -s {shared_dir}/elsewhere {dest}/.prewarm-partial")
+        why = "a symlink"
+    else:
+        _as_nobody(f"mkdir {dest}/.prewarm-partial && ln -s {outside} {dest}/.prewarm-partial/model.safetensors.part")
+        why = "owned by uid 65534"
+    proc = run_prewarm("fetch", "Qwen/Big", "--dest", dest, env=env)
+    assert_clean_failure(proc, 4, f"{dest}/.prewarm-partial", why, "where fetch keeps its own directory")
+    assert "someone else can write this directory" in proc.stderr
+    assert outside.read_bytes() == before
+
+
+def test_a_symlink_at_the_lock_name_is_refused(env: dict[str, str], hub: Hub, big_repo: Path, tmp_path: Path) -> None:
+    directory = _big_dir(tmp_path)
+    directory.mkdir(parents=True)
+    (directory / ".prewarm-fetch.lock").symlink_to(tmp_path / "created-by-fetch")
+    proc = run_prewarm("fetch", "Qwen/Big", env=env)
+    assert_clean_failure(proc, 4, str(directory / ".prewarm-fetch.lock"), "a symlink, where fetch keeps its own lock file")
+    assert not (tmp_path / "created-by-fetch").exists(), "fetch created a file outside its directory"
+
+
+@pytest.mark.parametrize("planted", ["symlink", "FIFO"])
+def test_the_record_is_never_read_or_written_through_a_planted_entry(
+    env: dict[str, str], hub: Hub, tmp_path: Path, planted: str
+) -> None:
+    dest, outside = tmp_path / "dest", tmp_path / "outside.json"
+    dest.mkdir()
+    outside.write_bytes(b'{"repo_id": "not a record"}\n')
+    if planted == "symlink":
+        (dest / ".prewarm-fetch.json").symlink_to(outside)
+    else:
+        os.mkfifo(dest / ".prewarm-fetch.json")  # reading it would block for ever
+    proc = run_prewarm("fetch", REPO, "--dest", dest, "--json", env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{dest}/.prewarm-fetch.json: ignoring a damaged fetch record" in proc.stderr
+    assert outside.read_bytes() == b'{"repo_id": "not a record"}\n'
+    record = dest / ".prewarm-fetch.json"
+    assert record.is_file() and not record.is_symlink() and json.loads(record.read_bytes())["commit"] == NEW
+
+
+def test_a_symlinked_subdirectory_cannot_send_a_file_outside(env: dict[str, str], hub: Hub, tmp_path: Path) -> None:
+    hub.repos[REPO].commits[NEW]["sub/extra.json"] = b'{"nested": true}'
+    dest, elsewhere = tmp_path / "dest", tmp_path / "elsewhere"
+    dest.mkdir()
+    elsewhere.mkdir()
+    (dest / "sub").symlink_to(elsewhere)
+    proc = fetch(env, "--dest", str(dest), ok=False)
+    assert_clean_failure(proc, 4, str(dest / "sub" / "extra.json"), "a parent directory of this file is a symlink")
+    assert list(elsewhere.iterdir()) == []
+    (dest / "sub").unlink()
+    result = summary(fetch(env, "--dest", str(dest)))
+    assert "sub/extra.json" in result["files"] and (dest / "sub" / "extra.json").read_bytes() == b'{"nested": true}'
+
+
+# -- names stay inside DIR, and prewarm's own files never come from a repo -----------------------
+
+
+def test_prewarm_own_names_are_never_taken_from_a_repo(env: dict[str, str], hub: Hub) -> None:
+    planted = ["prewarm.manifest.json", ".prewarm-fetch.json", "sub/prewarm.manifest.json", ".prewarm-partial/x.json"]
+    for name in planted:
+        hub.repos[REPO].commits[NEW][name] = b'{"format": "prewarm-manifest", "files": {}}'
+    proc = fetch(env)
+    assert "lists files under names only prewarm writes; not fetched" in proc.stderr
+    result = summary(proc)
+    assert not set(planted) & set(result["files"]) and SHARD in result["files"]
+    directory = Path(result["directory"])
+    assert not (directory / "prewarm.manifest.json").exists() and not (directory / "sub").exists()
+    assert json.loads((directory / ".prewarm-fetch.json").read_bytes())["repo_id"] == REPO
+
+
+def test_a_record_naming_a_file_outside_is_not_trusted(env: dict[str, str], hub: Hub, tmp_path: Path) -> None:
+    directory = Path(summary(fetch(env))["directory"])
+    outside = tmp_path / "outside.json"
+    outside.write_text("{}")
+    escape = os.path.relpath(outside, directory)
+    st = outside.stat()
+    record = json.loads((directory / ".prewarm-fetch.json").read_bytes())
+    record["files"][escape] = {"size": 2, "sha256": None, "blob_id": None, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+    (directory / ".prewarm-fetch.json").write_text(json.dumps(record))
+    offline = fetch({**env, "HF_HUB_OFFLINE": "1"}, "--revision", NEW, ok=False)
+    assert_clean_failure(offline, 3, "has not been fetched here before")
+    assert "ignoring a damaged fetch record" in offline.stderr and escape in offline.stderr
+    online = summary(fetch(env, "--revision", NEW))
+    assert escape not in online["files"] and online["downloaded"] == []
+
+
+# -- a damaged record never breaks a later run ----------------------------------------------------
+
+_GOOD_ENTRY = {"size": 1, "sha256": None, "blob_id": "ab", "mtime_ns": 1, "inode": 1}
+_GOOD_RECORD = {"repo_id": REPO, "revision": "main", "commit": NEW, "fetched_at": 1.0, "files": {"config.json": _GOOD_ENTRY}}
+DAMAGED_RECORDS = {
+    "not JSON": b"\x00\xff{not json",
+    "a list": b"[]",
+    "nested too deeply": b"[" * 100_000,
+    "files a list": json.dumps({**_GOOD_RECORD, "files": []}).encode(),
+    "entry missing a key": json.dumps({**_GOOD_RECORD, "files": {"config.json": {"size": 1}}}).encode(),
+    "size a boolean": json.dumps({**_GOOD_RECORD, "files": {"config.json": {**_GOOD_ENTRY, "size": True}}}).encode(),
+    "name leaving DIR": json.dumps({**_GOOD_RECORD, "files": {"../../x.json": _GOOD_ENTRY}}).encode(),
+    "name of the manifest": json.dumps({**_GOOD_RECORD, "files": {"prewarm.manifest.json": _GOOD_ENTRY}}).encode(),
+    "name a lone surrogate": json.dumps({**_GOOD_RECORD, "files": {"\ud800": _GOOD_ENTRY}}).encode(),
+    "repo_id a number": json.dumps({**_GOOD_RECORD, "repo_id": 42}).encode(),
+    "fetched_at too large for a float": json.dumps(_GOOD_RECORD).replace("1.0", "1" + "0" * 400).encode(),
+}
+ANY_EXIT = {0, 1, 2, 3, 4, 5, 130}
+
+
+@pytest.mark.parametrize("raw", DAMAGED_RECORDS.values(), ids=DAMAGED_RECORDS.keys())
+def test_a_damaged_record_is_ignored_with_a_warning(env: dict[str, str], hub: Hub, tmp_path: Path, raw: bytes) -> None:
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / ".prewarm-fetch.json").write_bytes(raw)
+    offline = fetch({**env, "HF_HUB_OFFLINE": "1"}, "--dest", str(dest), "--revision", NEW, ok=False)
+    assert_clean_failure(offline, 3, "has not been fetched here before")
+    assert "ignoring a damaged fetch record" in offline.stderr
+    online = fetch(env, "--dest", str(dest))
+    assert "ignoring a damaged fetch record" in online.stderr
+    assert summary(online)["commit"] == NEW
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=12,
+)
+record_names = st.sampled_from(["config.json", "../x.json", "/etc/passwd", "", "a//b", ".prewarm-fetch.json", "\ud800"])
+record_entries = st.fixed_dictionaries(
+    {}, optional={k: json_values | st.integers(-2, 2**70) for k in ("size", "mtime_ns", "inode", "sha256", "blob_id")}
+)
+record_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "repo_id": st.just(REPO) | json_values,
+        "revision": st.sampled_from(["main", NEW]) | json_values,
+        "commit": st.just(NEW) | json_values,
+        "fetched_at": json_values,
+        "files": st.dictionaries(record_names | st.text(max_size=12), record_entries | json_values, max_size=3) | json_values,
+    },
+)
+record_bytes = (
+    st.binary(max_size=64)
+    | record_like.map(lambda r: json.dumps(r).encode())
+    | json_values.map(lambda v: json.dumps(v).encode())
+    | st.integers(1, 50_000).map(lambda n: b"{" * n)
+)
+
+
+@pytest.mark.slow
+@settings(max_examples=20, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=record_bytes)
+def test_any_record_bytes_never_break_a_run(env: dict[str, str], hub: Hub, tmp_path: Path, raw: bytes) -> None:
+    dest = Path(tempfile.mkdtemp(dir=tmp_path))
+    (dest / ".prewarm-fetch.json").write_bytes(raw)
+    for args, online in ((("--revision", NEW), False), (("--revision", NEW), True), ((), True)):
+        proc = fetch(env if online else {**env, "HF_HUB_OFFLINE": "1"}, "--dest", str(dest), *args, ok=online)
+        assert proc.returncode in ANY_EXIT and "Traceback" not in proc.stderr, proc.stderr
+
+
+# -- Ctrl-C and SIGTERM stop at once, and what was downloaded is kept ------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_fetch_stops_at_once_and_resumes(
+    env: dict[str, str], hub: Hub, big_repo: Path, tmp_path: Path, signum: int
+) -> None:
+    hub.bytes_per_second["model.safetensors"] = 5 * 2**20  # 24 MiB: about 5 s in all
+    partial = _big_dir(tmp_path) / ".prewarm-partial" / "model.safetensors.part"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prewarm", "fetch", "Qwen/Big"],
+        env={**env, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (partial.exists() and partial.stat().st_size > 0):
+            assert time.monotonic() < deadline and proc.poll() is None, "fetch never wrote part of the file"
+            time.sleep(0.01)
+        sent = time.monotonic()
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=30)
+        stopped = time.monotonic() - sent
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130 and stopped < 1.5, (proc.returncode, stopped, stderr)
+    assert "Traceback" not in stderr and "Interrupted" in stderr, stderr
+    kept = partial.stat().st_size
+    assert 0 < kept < big_repo.stat().st_size and partial.read_bytes() == big_repo.read_bytes()[:kept]
+    del hub.bytes_per_second["model.safetensors"]
+    again = run_prewarm("fetch", "Qwen/Big", "--json", env=env)
+    assert again.returncode == 0, again.stderr
+    assert [r.headers.get("range") for r in hub.file_requests("model.safetensors")][-1] == f"bytes={kept}-"
+    assert (_big_dir(tmp_path) / "model.safetensors").read_bytes() == big_repo.read_bytes()
+
+
+# -- errors name the user's file, and always say what to do next ----------------------------------
+
+
+def test_a_full_disk_mid_download_names_the_file_not_the_partial(
+    env: dict[str, str], hub: Hub, big_repo: Path, tmp_path: Path
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    point = tmp_path / "small"
+    point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(point)], check=True)
+    try:
+        hub.bytes_per_second["model.safetensors"] = 8 * 2**20
+        dest = point / "model"
+        partial = dest / ".prewarm-partial" / "model.safetensors.part"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prewarm", "fetch", "Qwen/Big", "--dest", str(dest)],
+            env={**env, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while not (partial.exists() and partial.stat().st_size > 0):
+            assert time.monotonic() < deadline and proc.poll() is None, "fetch never wrote part of the file"
+            time.sleep(0.01)
+        with open(point / "filler", "wb", buffering=0) as filler, contextlib.suppress(OSError):
+            while True:
+                filler.write(b"\0" * 2**20)
+        _, stderr = proc.communicate(timeout=60)
+        errors = [line for line in stderr.splitlines() if line.startswith("Error:")]
+        assert proc.returncode == 4 and len(errors) == 1 and "Traceback" not in stderr, stderr
+        assert errors[0] == f"Error: {dest / 'model.safetensors'}: the filesystem is full", stderr
+        kept = partial.read_bytes()
+        assert kept == big_repo.read_bytes()[: len(kept)], "what was written is a prefix, ready to resume"
+    finally:
+        subprocess.run(["umount", str(point)], check=False)
+
+
+def test_every_error_raised_in_fetch_says_what_to_do_next() -> None:
+    tree = ast.parse((ROOT / "prewarm" / "fetch.py").read_text())
+    errors = {"HubError", "UsageError", "FilesystemError", "PrewarmError", "NotEnoughSpace"}
+    raised = [
+        node.exc
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Raise)
+        and isinstance(node.exc, ast.Call)
+        and isinstance(node.exc.func, ast.Name)
+        and node.exc.func.id in errors
+    ]
+    assert raised
+    assert all(any(k.arg == "hint" for k in call.keywords) for call in raised), [ast.unparse(c) for c in raised]
