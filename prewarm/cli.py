@@ -127,7 +127,9 @@ def main(ctx: click.Context, quiet: bool, debug: bool) -> None:
     """Prepare model weights for instant, hot LLM serving."""
     ctx.obj = Context(quiet=quiet, debug=debug)
     signal.signal(signal.SIGTERM, _sigterm)
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, stream=sys.stderr, format="%(levelname)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING, stream=sys.stderr, format="%(levelname)s: %(message)s", force=True
+    )
 
 
 def _emit(as_json: bool, data: dict[str, Any], human: Callable[[], None]) -> None:
