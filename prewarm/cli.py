@@ -108,6 +108,14 @@ class PrewarmGroup(click.Group):
         except (KeyboardInterrupt, _Terminated):
             click.echo("Interrupted: nothing was left half-written.", err=True)
             sys.exit(int(ExitCode.INTERRUPTED))
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as error:  # a bug: still one line, and the way to the traceback
+            if debug:
+                raise
+            message = f"internal error: {type(error).__name__}: {error}"
+            hint = "this is a bug in prewarm: run again with --debug and report the traceback"
+            _fail(PrewarmError(message, hint=hint, exit_code=ExitCode.INTERNAL), as_json())
 
 
 def _quiet_broken_pipe() -> NoReturn:

@@ -18,6 +18,7 @@ class ExitCode(IntEnum):
     IO = 4  # the filesystem said no: disk full, permission, missing path
     LIMIT = 5  # a system limit is too small (RLIMIT_MEMLOCK for --lock)
     INTERRUPTED = 130  # Ctrl-C or SIGTERM
+    INTERNAL = 70  # a bug in prewarm (EX_SOFTWARE): the message says how to report it
     BROKEN_PIPE = 141  # whoever read our output stopped reading (128 + SIGPIPE), as Unix tools exit
 
 

@@ -563,7 +563,7 @@ def _get(repo_id: str, commit: str, remote: RemoteFile, out: _HashingFile, progr
             headers=build_hf_headers(),
             expected_size=remote.size,
             displayed_filename=remote.name,
-            tqdm_class=_forwarding_bar(progress),
+            tqdm_class=_forwarding_bar(progress, out.cancel),
         )
     except _transport_errors() as exc:
         raise HubError(
@@ -582,8 +582,10 @@ def _get(repo_id: str, commit: str, remote: RemoteFile, out: _HashingFile, progr
         ) from None
 
 
-def _forwarding_bar(progress: Progress) -> type:
-    """A tqdm class for http_get that shows nothing itself and forwards bytes to ``progress``."""
+def _forwarding_bar(progress: Progress, cancel: threading.Event) -> type:
+    """A tqdm class for http_get that shows nothing itself and forwards bytes to ``progress``.
+    http_get counts each block before writing it: once cancelled, nothing more is reported (a
+    thread left running must not write to stderr while the interpreter shuts down)."""
     from tqdm.auto import tqdm
 
     class Forward(tqdm):  # type: ignore[misc]
@@ -592,6 +594,8 @@ def _forwarding_bar(progress: Progress) -> type:
             super().__init__(*args, **kwargs)
 
         def update(self, n: float | None = 1) -> bool | None:
+            if cancel.is_set():
+                raise _Cancelled
             progress.advance(int(n or 0))
             return None
 

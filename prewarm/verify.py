@@ -212,12 +212,12 @@ def last_verification(directory: Path) -> VerificationRecord | None:
         doc = parse_json(read_small_file(root_of(directory), RECORD_NAME, 1 << 20))
         if not isinstance(doc, dict):
             raise ValueError("not a JSON object")
-        return VerificationRecord(
-            float(doc["verified_at"]),
-            bool(doc["ok"]),
-            int(doc["problems"]),
-            doc.get("manifest_xxh3_128") != _manifest_digest(directory),
-        )
+        at, ok, problems = doc.get("verified_at"), doc.get("ok"), doc.get("problems")
+        if not (isinstance(at, int | float) and not isinstance(at, bool) and 0 <= at < 2**33):  # NaN fails too
+            raise ValueError(f"verified_at {at!r} is not a time")
+        if not isinstance(ok, bool) or not (isinstance(problems, int) and not isinstance(problems, bool) and problems >= 0):
+            raise ValueError("ok must be true or false and problems a count")
+        return VerificationRecord(float(at), ok, problems, doc.get("manifest_xxh3_128") != _manifest_digest(directory))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError, OverflowError, NotRegular) as exc:
