@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from prewarm.checkpoint import MANIFEST_NAME
 from prewarm.confine import NotRegular, Root, open_regular, parse_json, read_small_file, root_of
 from prewarm.errors import FilesystemError
 from prewarm.fsutil import write_file_atomic
-from prewarm.manifest import Manifest, default_threads, list_files, read_file_range, read_manifest
+from prewarm.manifest import Manifest, default_threads, list_files, parallel_map, read_file_range, read_manifest
 from prewarm.pagecache import cached_pages
 from prewarm.progress import NoProgress, Progress
 
@@ -108,7 +107,7 @@ def _plan_chunks(root: Root, manifest: Manifest, problems: list[Problem]) -> lis
 def _check_chunks(chunks: list[_Chunk], threads: int, progress: Progress) -> list[Problem]:
     progress.start("verifying", sum(c.length for c in chunks))
 
-    def check(group: list[_Chunk]) -> list[Problem]:
+    def check(group: list[_Chunk], progress: Progress) -> list[Problem]:
         problems = []
         for chunk, (got, digest) in zip(group, _hash_group(group, progress), strict=True):
             if got != chunk.length:
@@ -117,8 +116,7 @@ def _check_chunks(chunks: list[_Chunk], threads: int, progress: Progress) -> lis
                 problems.append(Problem(chunk.file, "corrupt", chunk.offset, chunk.length))
         return problems
 
-    with ThreadPoolExecutor(threads) as pool:
-        results = [p for problems in pool.map(check, _groups(chunks)) for p in problems]
+    results = [p for problems in parallel_map(check, _groups(chunks), threads, progress) for p in problems]
     progress.finish()
     return _merge_adjacent(results)
 

@@ -12,7 +12,6 @@ import os
 import resource
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from prewarm.checkpoint import MANIFEST_NAME
 from prewarm.confine import NotRegular, Root, Skipped, open_regular, resolve_regular, root_of
 from prewarm.errors import ExitCode, FilesystemError, PrewarmError
 from prewarm.fsutil import os_error
-from prewarm.manifest import default_threads, list_files, read_file_range
+from prewarm.manifest import list_files, parallel_map, read_file_range
 from prewarm.pagecache import (
     PAGE_SIZE,
     Mapping,
@@ -211,8 +210,7 @@ class _Piece:
 def _read_pieces(root: Root, work: list[_Piece], threads: int | None, progress: Progress) -> int:
     if not work:
         return 0
-    with ThreadPoolExecutor(threads or default_threads(), thread_name_prefix="prewarm-warm") as pool:
-        return sum(pool.map(lambda piece: _read_piece(root, piece, progress), work))
+    return sum(parallel_map(lambda piece, guarded: _read_piece(root, piece, guarded), work, threads, progress, "prewarm-warm"))
 
 
 def _plan_reads(directory: Path, files: ServingFiles, measurable_only: bool = False) -> tuple[Residency, list[_Piece]]:
