@@ -106,7 +106,10 @@ class PrewarmGroup(click.Group):
                 raise
             _fail(FilesystemError(error.strerror or str(error), error.filename), as_json())
         except (KeyboardInterrupt, _Terminated):
-            click.echo("Interrupted: nothing was left half-written.", err=True)
+            if ctx.invoked_subcommand == "fetch":
+                click.echo("Interrupted: partial downloads are kept; the same command resumes them.", err=True)
+            else:
+                click.echo("Interrupted: nothing was left half-written.", err=True)
             sys.exit(int(ExitCode.INTERRUPTED))
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
@@ -281,6 +284,7 @@ def fetch(obj: Context, repo_id: str, revision: str, dest: Path | None, include:
         "bytes_downloaded": result.bytes_downloaded,
         "offline_reason": result.offline_reason,
         "skipped_pickles": list(result.skipped_pickles),
+        "skipped_reserved": list(result.skipped_reserved),
         "seconds": round(result.seconds, 3),
     }
     _emit(as_json, data, lambda: _say_fetched(result, err=False))
@@ -301,6 +305,9 @@ def _say_fetched(result: Any, err: bool = True) -> None:
         click.echo(f"  offline ({result.offline_reason}): using the files fetched before, checked by size", err=err)
     if result.skipped_pickles:
         click.echo(f"  not fetched (pickles; name them with --include to fetch): {', '.join(result.skipped_pickles)}", err=err)
+    if result.skipped_reserved:
+        names = ", ".join(map(show, result.skipped_reserved))
+        click.echo(f"  not fetched (prewarm's own file names, which a repo may not supply): {names}", err=err)
 
 
 @main.command()

@@ -54,6 +54,10 @@ def unsafe_name_reason(name: object) -> str | None:
         return "an absolute path"
     if any(part in ("", ".", "..") for part in name.split("/")):
         return "a path with '', '.' or '..' parts"
+    try:
+        os.fsencode(name)
+    except UnicodeEncodeError:
+        return "a name with a lone surrogate, which no file name can have"
     return None
 
 

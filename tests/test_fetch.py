@@ -417,6 +417,7 @@ def test_prewarm_own_names_are_never_taken_from_a_repo(env: dict[str, str], hub:
     assert "lists files under names only prewarm writes; not fetched" in proc.stderr
     result = summary(proc)
     assert not set(planted) & set(result["files"]) and SHARD in result["files"]
+    assert sorted(result["skipped_reserved"]) == sorted(planted)
     directory = Path(result["directory"])
     assert not (directory / "prewarm.manifest.json").exists() and not (directory / "sub").exists()
     assert json.loads((directory / ".prewarm-fetch.json").read_bytes())["repo_id"] == REPO
