@@ -18,7 +18,8 @@ import click
 from prewarm import __version__
 from prewarm.checkpoint import MANIFEST_NAME
 from prewarm.config import debug_enabled
-from prewarm.errors import ExitCode, FilesystemError, PrewarmError, UsageError
+from prewarm.errors import ExitCode, PrewarmError, UsageError
+from prewarm.fsutil import os_error
 from prewarm.progress import BarProgress, NoProgress, PlainProgress, Progress
 from prewarm.units import format_size, parse_size
 
@@ -104,7 +105,7 @@ class PrewarmGroup(click.Group):
         except OSError as error:  # the filesystem said no somewhere we did not expect
             if debug:
                 raise
-            _fail(FilesystemError(error.strerror or str(error), error.filename), as_json())
+            _fail(os_error(error, error.filename or ""), as_json())
         except (KeyboardInterrupt, _Terminated):
             if ctx.invoked_subcommand == "fetch":
                 click.echo("Interrupted: partial downloads are kept; the same command resumes them.", err=True)

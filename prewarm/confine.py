@@ -223,12 +223,12 @@ def read_small_file(root: Root, name: str, limit: int = 64 * 2**20) -> bytes:
     """The bytes of a small regular file inside the root (a manifest, an index, a record)."""
     fd = open_regular(root, name)
     try:
-        size = os.fstat(fd).st_size
-        if size > limit:
-            raise NotRegular(f"{size} bytes, more than the {limit} this file may have")
-        chunks = []
-        while chunk := os.read(fd, 2**20):
+        chunks, total = [], 0
+        while (chunk := os.read(fd, 2**20)) and total <= limit:  # stops even if the file keeps growing
             chunks.append(chunk)
+            total += len(chunk)
+        if total > limit:
+            raise NotRegular(f"more than the {limit} bytes this file may have")
         return b"".join(chunks)
     finally:
         os.close(fd)

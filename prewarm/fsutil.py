@@ -184,6 +184,13 @@ def os_error(exc: OSError, path: Path | str) -> FilesystemError:
     return FilesystemError(exc.strerror or str(exc), str(path), hint="check the path, its permissions and the disk")
 
 
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """write(2) until every byte is out (a write may take fewer than asked)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def create_exclusive(directory: Path, name: str, mode: int) -> int:
     """A new file ``name`` in ``directory``, opened for writing; never follows or reuses what is there."""
     return os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
@@ -198,9 +205,7 @@ def write_file_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
         raise os_error(exc, path) from exc
     try:
         os.fchmod(fd, mode & ~current_umask())
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, data)
         os.fsync(fd)
         os.close(fd)
         fd = -1

@@ -21,7 +21,7 @@ from pathlib import Path
 from prewarm.checkpoint import INDEX_NAME, Checkpoint, SourceFile, SourceTensor, identity_of, open_checkpoint, open_source
 from prewarm.confine import NotRegular, Skipped, resolve_regular
 from prewarm.errors import FilesystemError, InvalidCheckpoint
-from prewarm.fsutil import atomic_directory, check_free_space, create_exclusive, os_error
+from prewarm.fsutil import atomic_directory, check_free_space, create_exclusive, os_error, write_all
 from prewarm.manifest import CHUNK_SIZE, Digester, FileDigest, Manifest, read_range, write_manifest
 from prewarm.progress import NoProgress, Progress
 from prewarm.safetensors import encode_header, header_entry, metadata_entry, padded_header_length
@@ -240,7 +240,7 @@ class _Writer:
 
         def consume(view: memoryview) -> None:
             digester.update(view)
-            _write_all(fd, view)
+            write_all(fd, view)
             self.progress.advance(len(view))
 
         try:
@@ -282,11 +282,6 @@ class _Writer:
     def digests(self) -> dict[str, FileDigest]:
         """Wait for every fsync; the digests of all files written."""
         return {name: future.result() for name, future in sorted(self.pending.items())}
-
-
-def _write_all(fd: int, view: memoryview) -> None:
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def _sync_and_close(fd: int, path: Path, digester: Digester) -> FileDigest:

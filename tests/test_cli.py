@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import threading
@@ -7,7 +8,7 @@ import threading
 import pytest
 
 from prewarm.progress import PlainProgress
-from tests.helpers import run_prewarm
+from tests.helpers import ROOT, run_prewarm
 
 
 def test_plain_progress_prints_a_line_per_tenth_from_many_threads(capsys: pytest.CaptureFixture[str]) -> None:
@@ -40,3 +41,23 @@ def test_unknown_option_is_a_usage_error() -> None:
 
 def test_version() -> None:
     assert run_prewarm("--version", check=True).stdout.startswith("prewarm, version ")
+
+
+def test_every_error_prewarm_builds_says_what_to_do_next() -> None:
+    """Every PrewarmError constructed anywhere in prewarm/ carries a hint (the CLI's fallback per
+    exit code is for what slips through, not a plan)."""
+    import prewarm.errors
+    from prewarm.errors import PrewarmError
+
+    classes = {n for n, value in vars(prewarm.errors).items() if isinstance(value, type) and issubclass(value, PrewarmError)}
+    calls = []
+    for path in sorted((ROOT / "prewarm").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        subclasses = [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)]
+        local = {n.name for n in subclasses if any(getattr(b, "id", "") in classes for b in n.bases)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in classes | local:
+                calls.append((path.name, node))
+    assert len(calls) > 50
+    missing = [f"{name}:{c.lineno}: {ast.unparse(c)[:100]}" for name, c in calls if not any(k.arg == "hint" for k in c.keywords)]
+    assert not missing, "\n".join(missing)

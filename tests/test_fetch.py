@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import json
 import os
@@ -589,18 +588,3 @@ def test_a_full_disk_mid_download_names_the_file_not_the_partial(
         assert kept == big_repo.read_bytes()[: len(kept)], "what was written is a prefix, ready to resume"
     finally:
         subprocess.run(["umount", str(point)], check=False)
-
-
-def test_every_error_raised_in_fetch_says_what_to_do_next() -> None:
-    tree = ast.parse((ROOT / "prewarm" / "fetch.py").read_text())
-    errors = {"HubError", "UsageError", "FilesystemError", "PrewarmError", "NotEnoughSpace"}
-    raised = [
-        node.exc
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Raise)
-        and isinstance(node.exc, ast.Call)
-        and isinstance(node.exc.func, ast.Name)
-        and node.exc.func.id in errors
-    ]
-    assert raised
-    assert all(any(k.arg == "hint" for k in call.keywords) for call in raised), [ast.unparse(c) for c in raised]
