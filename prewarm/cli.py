@@ -557,3 +557,47 @@ def manifest(obj: Context, directory: Path, threads: int | None, as_json: bool) 
             f"{format_size(result.total_bytes)} hashed in {seconds:.2f} s"
         ),
     )
+
+
+@main.command()
+@click.option("--config", "config_file", type=PATH, default=None, help="TOML settings (see systemd/qwen-prewarm.toml).")
+@click.option("--model", default=None, help="Hub repo id (owner/name) or model directory to serve.")
+@click.option("--revision", default=None, help="With a hub repo id: branch, tag or commit.")
+@click.option("--socket", "socket_path", type=PATH, default=None, help="The public Unix socket (HTTP, OpenAI API).")
+@click.option("--handoff-socket", type=PATH, default=None, help="Default: the socket's path + .handoff.")
+@click.option("--served-model-name", default=None, help="The model name clients use (default: repo id or directory name).")
+@click.option("--engine-arg", "engine_args", multiple=True, metavar="ARG", help="An option for vLLM, passed as is (repeatable).")
+@click.option("--cache-dir", type=PATH, default=None, help="Where serving directories and vLLM's caches go.")
+@click.option("--reload", "reload_mode", type=click.Choice(["blue-green", "restart"]), default=None, help="How a reload swaps engines.")
+def daemon(
+    config_file: Path | None,
+    model: str | None,
+    revision: str | None,
+    socket_path: Path | None,
+    handoff_socket: Path | None,
+    served_model_name: str | None,
+    engine_args: tuple[str, ...],
+    cache_dir: Path | None,
+    reload_mode: str | None,
+) -> None:
+    """Serve a model hot: prepare its weights, run a vLLM engine, answer on a Unix socket.
+
+    The socket is bound first, so clients can connect at once; their requests wait until the
+    engine is ready. SIGHUP or POST /prewarm/reload swaps in a fresh engine; SIGTERM stops.
+    """
+    from prewarm.config import engine_environment, load_settings, systemd_environment
+    from prewarm.daemon import run_daemon
+
+    flags = {
+        "model": model,
+        "revision": revision,
+        "socket": socket_path,
+        "handoff_socket": handoff_socket,
+        "served_model_name": served_model_name,
+        "engine_args": engine_args,
+        "cache_dir": cache_dir,
+        "reload": reload_mode,
+    }
+    settings = load_settings(config_file, flags)
+    logging.getLogger("prewarm").setLevel(logging.INFO)
+    sys.exit(run_daemon(settings, engine_environment(), systemd_environment()))

@@ -47,6 +47,11 @@ def debug_enabled() -> bool:
     return os.environ.get("PREWARM_DEBUG") == "1"
 
 
+def engine_environment() -> dict[str, str]:
+    """What the engine inherits: our environment (CUDA_VISIBLE_DEVICES, HF_TOKEN, VLLM_* ...)."""
+    return dict(os.environ)
+
+
 def systemd_environment() -> dict[str, str]:
     """The variables of systemd's protocols that the daemon speaks (sd_notify, socket activation)."""
     names = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")

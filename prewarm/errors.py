@@ -17,6 +17,7 @@ class ExitCode(IntEnum):
     BAD_INPUT = 3  # the checkpoint or directory given is not what it should be
     IO = 4  # the filesystem said no: disk full, permission, missing path
     LIMIT = 5  # a system limit is too small (RLIMIT_MEMLOCK for --lock)
+    ENGINE = 6  # the vLLM engine could not start or died
     INTERRUPTED = 130  # Ctrl-C or SIGTERM
     INTERNAL = 70  # a bug in prewarm (EX_SOFTWARE): the message says how to report it
     BROKEN_PIPE = 141  # whoever read our output stopped reading (128 + SIGPIPE), as Unix tools exit

