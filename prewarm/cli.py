@@ -568,7 +568,9 @@ def manifest(obj: Context, directory: Path, threads: int | None, as_json: bool) 
 @click.option("--served-model-name", default=None, help="The model name clients use (default: repo id or directory name).")
 @click.option("--engine-arg", "engine_args", multiple=True, metavar="ARG", help="An option for vLLM, passed as is (repeatable).")
 @click.option("--cache-dir", type=PATH, default=None, help="Where serving directories and vLLM's caches go.")
-@click.option("--reload", "reload_mode", type=click.Choice(["blue-green", "restart"]), default=None, help="How a reload swaps engines.")
+@click.option(
+    "--reload", "reload_mode", type=click.Choice(["blue-green", "restart"]), default=None, help="How a reload swaps engines."
+)
 def daemon(
     config_file: Path | None,
     model: str | None,

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import grp
 import logging
-import os
-import signal
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -87,10 +87,8 @@ class Daemon:
                 if self.state == "failed" or time.monotonic() > deadline or self.stop_requested:
                     self.queue["timed_out"] += 1
                     raise Unavailable(f"no engine became ready in time (state {self.state})")
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.ready.wait(), timeout=min(1.0, max(0.01, deadline - time.monotonic())))
-                except asyncio.TimeoutError:
-                    pass
             return engine
         finally:
             self.queue["waiting"] -= 1
@@ -129,7 +127,7 @@ class Daemon:
             "failure": self.failure,
             "socket": str(self.settings.socket),
             "handoff_socket": str(self.settings.handoff_path),
-            "handoff": self.handoff.counts if self.handoff else None,
+            "handoff": self.handoff.counts.as_dict() if self.handoff else None,
             "queue": dict(self.queue),
             "refused_clients": self.gateway.refused,
         }
@@ -156,12 +154,14 @@ class Daemon:
 
     def _listeners(self) -> tuple[Any, Any]:
         """Sockets from systemd (socket activation) when it passed them, else bound here now."""
-        passed = dict(listen_sockets(self.systemd))
+        passed = listen_sockets(self.systemd)
+        handoff = next((s for name, s in passed if name == "handoff"), None)
+        public = next((s for name, s in passed if name != "handoff"), None)
         gid = grp.getgrnam(self.settings.socket_group).gr_gid if self.settings.socket_group else None
-        public = passed.get("public") or (passed.get("unknown") if len(passed) == 1 else None)
         if public is None:
             public = bind_unix(self.settings.socket, self.settings.socket_mode, gid)
-        handoff = passed.get("handoff") or bind_unix(self.settings.handoff_path, self.settings.socket_mode, gid)
+        if handoff is None:
+            handoff = bind_unix(self.settings.handoff_path, self.settings.socket_mode, gid)
         return public, handoff
 
     def _handoff_target(self) -> tuple[Path, dict[str, object]] | None:
@@ -198,7 +198,7 @@ class Daemon:
         while not self.stop_requested:
             try:
                 self.prepared = await self._prepare()
-            except Exception as exc:  # noqa: BLE001 (any failure to prepare is a state, not a crash)
+            except Exception as exc:
                 await self._fail(f"preparing the weights failed: {exc}", [])
                 continue
             engine = await self._start_engine()
@@ -294,10 +294,8 @@ class Daemon:
 
     async def _sleep_unless_woken(self, seconds: float) -> None:
         self.wake.clear()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.wake.wait(), seconds)
-        except asyncio.TimeoutError:
-            pass
 
     async def _reload(self, old: Engine) -> None:
         """Blue-green: prepare and start a new engine beside the old, switch, drain, stop the old.
@@ -310,7 +308,7 @@ class Daemon:
             await old.stop()
         try:
             self.prepared = await self._prepare()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if self.settings.reload != "restart":
                 self.set_state("ready", f"reload failed, still serving the old engine: {exc}")
                 log.error("reload failed, the old engine keeps serving: %s", exc)

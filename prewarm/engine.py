@@ -27,7 +27,7 @@ from prewarm.errors import ExitCode, PrewarmError
 log = logging.getLogger(__name__)
 LAST_LINES = 40
 CPU_KV_CACHE_GIB = "1"
-CPU_MAX_MODEL_LEN = "2048"
+CPU_MAX_MODEL_LEN = 2048
 
 
 @dataclass
@@ -59,6 +59,16 @@ def _given(args: tuple[str, ...], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
+def _model_max_len(serving_dir: Path) -> int:
+    """The model's own context length (config.json), so a CPU default never exceeds it."""
+    try:
+        config = json.loads((serving_dir / "config.json").read_text())
+        value = config.get("max_position_embeddings") if isinstance(config, dict) else None
+    except (OSError, ValueError):
+        value = None
+    return int(value) if isinstance(value, int | float) and value > 0 else CPU_MAX_MODEL_LEN
+
+
 def engine_command(spec: EngineSpec) -> list[str]:
     """The reaper, then vLLM's server on the private socket with the user's options. On a host
     without a GPU, settings the CPU build needs unless the user gave them (measured here: without
@@ -68,7 +78,7 @@ def engine_command(spec: EngineSpec) -> list[str]:
         if not _given(spec.args, "--enforce-eager"):
             defaults.append("--enforce-eager")
         if not _given(spec.args, "--max-model-len"):
-            defaults += ["--max-model-len", CPU_MAX_MODEL_LEN]
+            defaults += ["--max-model-len", str(min(CPU_MAX_MODEL_LEN, _model_max_len(spec.serving_dir)))]
         if not _given(spec.args, "--gpu-memory-utilization"):
             defaults += ["--gpu-memory-utilization", "0.3"]
     vllm = [spec.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(spec.serving_dir)]
@@ -121,7 +131,8 @@ class Engine:
             env=engine_environment(self.spec, self.env),
             start_new_session=True,
         )
-        log.info("engine %d starting: pid %d, socket %s, model %s", self.id, self.process.pid, self.spec.socket, self.spec.serving_dir)
+        pid, sock, model = self.process.pid, self.spec.socket, self.spec.serving_dir
+        log.info("engine %d starting: pid %d, socket %s, model %s", self.id, pid, sock, model)
         self._reader = asyncio.create_task(self._copy_output())
 
     async def _copy_output(self) -> None:
@@ -159,7 +170,7 @@ class Engine:
         try:
             async with self.session().get("http://engine/health", timeout=aiohttp.ClientTimeout(total=5)) as response:
                 return response.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return False
 
     async def _warmup(self) -> None:
@@ -195,7 +206,7 @@ class Engine:
         self.process.send_signal(signal.SIGTERM)
         try:
             return await asyncio.wait_for(self.wait(), self.spec.grace_s + 10)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             with contextlib.suppress(FileNotFoundError, ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
             return await self.wait()

@@ -8,7 +8,6 @@ ready, requests wait in a bounded queue for a bounded time, then get 503 with ``
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import socket
@@ -128,7 +127,7 @@ class Gateway:
                     await response.write(chunk)
                 await response.write_eof()
                 return response
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             if response is None:
                 return _json_error(502, f"the engine dropped the request: {type(exc).__name__}")
             raise

@@ -115,7 +115,8 @@ def listen_sockets(env: Mapping[str, str]) -> list[tuple[str, socket.socket]]:
 def _fd_count(value: str) -> int:
     if not value.isdigit():
         raise ActivationError(
-            f"LISTEN_FDS={value!r} is not a count of descriptors", hint="start the daemon from its .socket unit or unset LISTEN_PID"
+            f"LISTEN_FDS={value!r} is not a count of descriptors",
+            hint="start the daemon from its .socket unit or unset LISTEN_PID",
         )
     return int(value)
 

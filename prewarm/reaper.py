@@ -10,6 +10,7 @@ period, kills what is left and reaps every descendant before it exits with the e
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -45,15 +46,11 @@ def _descendants() -> list[int]:
 def _stop_everything(child: subprocess.Popen[bytes], grace: float) -> None:
     """SIGTERM the engine's process group, then SIGKILL it and every descendant left, reap all."""
     for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, signum)
-        except ProcessLookupError:
-            pass
         for pid in _descendants():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline and (_reap_any() or _descendants()):
             time.sleep(0.05)

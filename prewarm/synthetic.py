@@ -131,7 +131,7 @@ def build_tiny_qwen2(directory: Path, max_shard_size: str = "1MB", seed: int = 0
         tie_word_embeddings=False,
         dtype="bfloat16",
     )
-    model = Qwen2ForCausalLM(config).to(torch.bfloat16)  # type: ignore[arg-type]
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)  # type: ignore[arg-type,no-untyped-call,unused-ignore]
     model.save_pretrained(directory, max_shard_size=max_shard_size)
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tokenizer = Tokenizer(models.BPE())

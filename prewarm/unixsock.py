@@ -106,7 +106,7 @@ def _bind_with_mode(sock: socket.socket, path: Path, mode: int) -> None:
     except FileNotFoundError:
         raise SocketPathError("the socket's directory does not exist", str(path), hint="create the directory first") from None
     except PermissionError:
-        raise SocketPathError("no permission to create the socket here", str(path), hint="run as a user who may write the directory") from None
+        raise SocketPathError("no permission to create it", str(path), hint="use a directory this user may write") from None
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE:
             raise

@@ -6,6 +6,7 @@ the last ones restart, reload and stop it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -47,10 +48,8 @@ class Running:
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 raise AssertionError(f"no {until!r} from the daemon; got {self.messages}\nlog:\n{self.log.read_text()[-5000:]}")
             self.notify.settimeout(1)
-            try:
+            with contextlib.suppress(TimeoutError):
                 self.messages.append(self.notify.recv(4096).decode())
-            except TimeoutError:
-                pass
 
 
 def client(sock: Path, timeout: float = 120) -> httpx.Client:
@@ -166,7 +165,8 @@ def test_streaming_chat_completion_arrives_in_pieces(daemon: Running) -> None:
 def test_only_the_openai_routes_reach_the_engine(daemon: Running) -> None:
     with client(daemon.socket) as c:
         assert c.get("/v1/models").json()["data"][0]["id"] == "model"
-        for method, path in (("POST", "/sleep"), ("POST", "/v1/load_lora_adapter"), ("GET", "/metrics"), ("POST", "/reset_prefix_cache")):
+        refused = (("POST", "/sleep"), ("POST", "/v1/load_lora_adapter"), ("GET", "/metrics"), ("POST", "/reset_prefix_cache"))
+        for method, path in refused:
             assert c.request(method, path).status_code == 404, path
 
 
