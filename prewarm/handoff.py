@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -72,8 +73,11 @@ class HandoffServer:
         while True:
             try:
                 conn, _ = await loop.sock_accept(self._listener)
-            except OSError as exc:  # EMFILE and friends: the listener is still good, wait a little
-                self._log.warning("handoff accept failed: %s", exc)
+            except OSError as exc:
+                if exc.errno in (errno.EBADF, errno.EINVAL, errno.ENOTSOCK):  # the listener was closed under us
+                    self._log.error("the handoff socket stopped accepting: %s", exc)
+                    return
+                self._log.warning("handoff accept failed: %s", exc)  # EMFILE and friends pass: wait a little
                 await asyncio.sleep(0.1)
                 continue
             task = asyncio.create_task(self._serve(conn))
@@ -89,6 +93,9 @@ class HandoffServer:
             except (OSError, TimeoutError) as exc:
                 self.counts.failed += 1
                 self._log.info("handoff failed: %s", exc or "timed out")
+            except Exception:
+                self.counts.failed += 1
+                self._log.exception("handoff failed")
 
     async def _answer(self, conn: socket.socket) -> None:
         peer = peer_of(conn)
@@ -141,15 +148,23 @@ _UNREACHABLE: dict[str, object] = {
 
 
 async def _dial(path: Path) -> socket.socket:
-    # connect(2) on a Unix stream socket waits while the listener's backlog is full: not on the loop.
+    # unix(7): a non-blocking connect(2) to a listener whose backlog is full fails with EAGAIN and
+    # starts nothing (no EINPROGRESS as with TCP; loop.sock_connect would take the socket's
+    # writability for success), so it is retried until the engine accepts or the timeout ends.
     engine = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     engine.setblocking(False)
+    delay = 0.005
     try:
-        await asyncio.get_running_loop().sock_connect(engine, os.fsencode(path))
+        while True:
+            try:
+                engine.connect(os.fsencode(path))
+                return engine
+            except BlockingIOError:
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 0.1)
     except BaseException:
         engine.close()
         raise
-    return engine
 
 
 async def _send(conn: socket.socket, message: dict[str, object], fd: int | None = None) -> None:

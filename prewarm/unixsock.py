@@ -3,6 +3,7 @@
 The socket file is created by bind(2) itself, which never follows a symlink at the final component
 and fails on any existing name (unix(7)); its permissions come from the umask at that moment, so
 the mode is set through the umask rather than by a chmod afterwards that would leave a window.
+The umask is process-wide: bind before starting threads that create files.
 """
 
 from __future__ import annotations

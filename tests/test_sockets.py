@@ -382,6 +382,14 @@ class Stack:
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)
 
+    def counts(self) -> dict[str, int]:
+        """Read on the loop: a client may hold its descriptor before the server's task has counted it."""
+
+        async def read() -> dict[str, int]:
+            return self.server.counts.as_dict()
+
+        return self.run(read())
+
 
 @contextmanager
 def running_stack(directory: Path, mode: int = 0o660) -> Iterator[Stack]:
@@ -432,7 +440,7 @@ def test_handoff_gives_a_connection_straight_to_the_engine(stack: Stack) -> None
         assert info == {"model": "tiny", "engine": {"socket": str(stack.directory / "engine.sock")}, "ok": True}
         assert not os.get_inheritable(sock.fileno()) and sock.getblocking()
         assert http_get(sock, "/v1/models") == {"via": "engine", "path": "/v1/models", "body": ""}
-    assert stack.server.counts.as_dict() == {"served": 1, "refused": 0, "not_ready": 0, "failed": 0}
+    assert stack.counts() == {"served": 1, "refused": 0, "not_ready": 0, "failed": 0}
 
 
 def test_handoff_wire_format_is_one_line_with_one_blocking_descriptor(stack: Stack) -> None:
@@ -460,7 +468,7 @@ def test_handoff_serves_many_clients_at_once(stack: Stack) -> None:
         thread.start()
     for thread in threads:
         thread.join(timeout=10)
-    assert results == ["engine"] * 20 and stack.server.counts.served == 20
+    assert results == ["engine"] * 20 and stack.counts()["served"] == 20
 
 
 CHILD_ASKS = """
@@ -481,7 +489,7 @@ def test_handoff_refuses_a_user_not_allowed(shared_dir: Path) -> None:
         assert child.returncode == 0, child.stderr
         answer = json.loads(child.stdout)
         assert answer["reason"] == "forbidden" and answer["reply"]["uid"] == NOBODY and "allowed_users" in answer["hint"]
-        assert stack.server.counts.refused == 1 and stack.server.counts.served == 0
+        assert stack.counts()["refused"] == 1 and stack.counts()["served"] == 0
         warnings = [text for level, text in stack.records.lines if level >= logging.WARNING]
         assert len(warnings) == 1 and f"uid {NOBODY}" in warnings[0] and "pid" in warnings[0]
 
@@ -491,7 +499,7 @@ def test_handoff_says_not_ready_while_no_engine_is_hot(stack: Stack) -> None:
     with pytest.raises(HandoffError) as info:
         handoff(stack.handoff_path)
     assert info.value.reason == "not ready" and info.value.reply["state"] == "starting" and info.value.hint
-    assert stack.server.counts.not_ready == 1
+    assert stack.counts()["not_ready"] == 1
 
 
 def test_handoff_says_so_when_the_engine_does_not_answer(stack: Stack) -> None:
@@ -499,7 +507,43 @@ def test_handoff_says_so_when_the_engine_does_not_answer(stack: Stack) -> None:
     with pytest.raises(HandoffError) as info:
         handoff(stack.handoff_path)
     assert info.value.reason == "engine unreachable"
-    assert stack.server.counts.failed == 1
+    assert stack.counts()["failed"] == 1
+
+
+def test_handoff_waits_for_a_busy_engine_and_never_hands_out_an_unconnected_socket(stack: Stack) -> None:
+    busy = stack.directory / "busy.sock"
+    with socket.socket(socket.AF_UNIX) as engine, socket.socket(socket.AF_UNIX) as first:
+        engine.bind(str(busy))
+        engine.listen(0)
+        first.connect(str(busy))  # the backlog is full: the next connect(2) says EAGAIN
+        stack.target[0] = (busy, {})
+        got: list[socket.socket] = []
+        asking = threading.Thread(target=lambda: got.append(handoff(stack.handoff_path)[0]))
+        asking.start()
+        time.sleep(0.3)
+        assert not got  # still waiting for the engine
+        engine.accept()[0].close()  # room in the backlog again
+        asking.join(timeout=10)
+        engine.settimeout(5)
+        served, _ = engine.accept()
+        with got[0] as handed, served:
+            handed.sendall(b"ping")
+            assert served.recv(4) == b"ping"
+    assert stack.counts()["served"] == 1
+
+
+def test_handoff_survives_a_failing_target(stack: Stack) -> None:
+    def broken() -> None:
+        raise RuntimeError("bug in the daemon")
+
+    stack.server._target = broken
+    with pytest.raises(HandoffError) as info:
+        handoff(stack.handoff_path)
+    assert "without answering" in info.value.message and stack.counts()["failed"] == 1
+    assert any(level == logging.ERROR and "handoff failed" in text for level, text in stack.records.lines)
+    stack.server._target = lambda: stack.target[0]
+    sock, _ = handoff(stack.handoff_path)  # and it still serves the next client
+    sock.close()
 
 
 def test_httpx_transport_goes_by_handoff_and_reuses_the_connection(stack: Stack) -> None:
@@ -508,7 +552,7 @@ def test_httpx_transport_goes_by_handoff_and_reuses_the_connection(stack: Stack)
         second = client.post("/v1/completions", json={"prompt": "hi"}).json()
     assert first["via"] == second["via"] == "engine"
     assert json.loads(second["body"]) == {"prompt": "hi"}
-    assert stack.server.counts.served == 1  # one handoff, one kept-alive connection
+    assert stack.counts()["served"] == 1  # one handoff, one kept-alive connection
 
 
 def test_httpx_transport_falls_back_to_the_public_socket(stack: Stack) -> None:
@@ -518,10 +562,10 @@ def test_httpx_transport_falls_back_to_the_public_socket(stack: Stack) -> None:
 
     assert via(PrewarmTransport(stack.public, handoff_path=stack.directory / "missing")) == "gateway"
     assert via(PrewarmTransport(stack.public, handoff=False)) == "gateway"
-    assert stack.server.counts.as_dict() == {"served": 0, "refused": 0, "not_ready": 0, "failed": 0}
+    assert stack.counts() == {"served": 0, "refused": 0, "not_ready": 0, "failed": 0}
     stack.target[0] = None
     assert via(PrewarmTransport(stack.public)) == "gateway"
-    assert stack.server.counts.not_ready == 1
+    assert stack.counts()["not_ready"] == 1
 
 
 def test_httpx_transport_says_connect_error_when_nothing_listens(short_dir: Path) -> None:
