@@ -112,6 +112,7 @@ class Engine:
         self.ready_at: float | None = None
         self.stopping = False
         self.in_flight = 0
+        self.server_pid: int | None = None
         self._session: aiohttp.ClientSession | None = None
         self._reader: asyncio.Task[None] | None = None
 
@@ -162,6 +163,7 @@ class Engine:
             await asyncio.sleep(0.25)
         if warmup:
             await self._warmup()
+        self.server_pid = self.find_server_pid()
         self.ready_at = time.monotonic()
 
     async def _healthy(self) -> bool:
@@ -188,11 +190,44 @@ class Engine:
         return EngineFailed(message, str(self.spec.serving_dir), hint=hint, lines=tuple(self.lines))
 
     async def wait(self) -> int:
+        """The reaper's exit status, as soon as it exits (a pidfd, not the output pipe, which a
+        surviving engine process could hold open); then nothing of the engine is left running."""
         assert self.process is not None
-        status = await self.process.wait()
+        loop = asyncio.get_running_loop()
+        exited: asyncio.Future[None] = loop.create_future()
+        pidfd = os.pidfd_open(self.process.pid)
+        def on_exit() -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        loop.add_reader(pidfd, on_exit)
+        try:
+            await exited
+        finally:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+        while self.process.returncode is None:  # the child watcher reaps it a moment later
+            await asyncio.sleep(0.01)
+        self._kill_leftovers()
         if self._reader is not None:
             await asyncio.wait([self._reader], timeout=2)
-        return status
+        return self.process.returncode
+
+    def _kill_leftovers(self) -> None:
+        """If the reaper itself was killed, its engine's process group is still there: end it."""
+        if self.server_pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.server_pid, signal.SIGKILL)
+
+    def find_server_pid(self) -> int | None:
+        """vLLM's API server: the reaper's child (proc(5) /proc/PID/task/TID/children)."""
+        if self.process is None:
+            return None
+        try:
+            children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        except OSError:
+            return None
+        return int(children[0]) if children else None
 
     async def stop(self) -> int | None:
         """SIGTERM the reaper (it stops the engine's process group within its grace), wait, then
@@ -217,7 +252,8 @@ class Engine:
     def status(self) -> dict[str, object]:
         return {
             "id": self.id,
-            "pid": self.pid,
+            "pid": self.server_pid,
+            "reaper_pid": self.pid,
             "socket": str(self.spec.socket),
             "uptime_s": round(time.monotonic() - self.ready_at, 1) if self.ready_at else None,
             "in_flight": self.in_flight,

@@ -89,7 +89,8 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, _request_stop)
     if os.getppid() != daemon:  # the daemon died before the death signal was armed
         return 1
-    child = subprocess.Popen(argv[1:], process_group=0)  # its own group: killpg reaches its workers
+    # Its own process group, so killpg reaches its workers; and it dies if we are SIGKILLed.
+    child = subprocess.Popen(argv[1:], process_group=0, preexec_fn=lambda: _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL))
     while not _stop_requested and child.poll() is None:
         time.sleep(0.1)
     status = child.poll()

@@ -184,10 +184,10 @@ def test_the_openai_package_and_the_handoff(daemon: Running) -> None:
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 200") and b'"id":"model"' in reply
     for use_handoff in (True, False):
-        http = httpx.Client(transport=PrewarmTransport(daemon.socket, handoff=use_handoff))
-        ai = openai.OpenAI(base_url="http://prewarm/v1", api_key="unused", http_client=http)
-        answer = ai.chat.completions.create(model="model", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
-        assert answer.usage is not None and answer.usage.completion_tokens == 3
+        with httpx.Client(transport=PrewarmTransport(daemon.socket, handoff=use_handoff), trust_env=False) as http:
+            ai = openai.OpenAI(base_url="http://prewarm/v1", api_key="unused", http_client=http)
+            answer = ai.chat.completions.create(model="model", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+            assert answer.usage is not None and answer.usage.completion_tokens == 3
 
 
 def test_engine_killed_is_restarted(daemon: Running) -> None:
@@ -204,6 +204,7 @@ def test_engine_killed_is_restarted(daemon: Running) -> None:
         assert time.monotonic() < deadline, status
         time.sleep(1)
     assert status["engine"]["restarts"] == 1
+    assert before["pid"] not in engine_processes(), "the killed engine's processes are gone"
     with client(daemon.socket) as c:
         assert c.post("/v1/completions", json={"model": "model", "prompt": "x", "max_tokens": 2}).status_code == 200
 
