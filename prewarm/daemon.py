@@ -222,7 +222,9 @@ class Daemon:
         started = time.monotonic()
         await engine.start()
         try:
-            await engine.wait_ready(self.settings.startup_timeout_s, warmup=False)
+            if not await self._unless_stopped(engine.wait_ready(self.settings.startup_timeout_s, warmup=False)):
+                await engine.stop()
+                return None
             self.phases.append({"name": "engine_start", "seconds": round(time.monotonic() - started, 3)})
             warm_started = time.monotonic()
             if self.settings.warmup:
@@ -235,6 +237,21 @@ class Daemon:
             return None
         return engine
 
+    async def _unless_stopped(self, work: Any) -> bool:
+        """Run ``work`` unless a stop comes first (then cancel it): True if it completed."""
+        task = asyncio.create_task(work)
+        while not task.done():
+            if self.stop_requested:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                return False
+            await self._wait_for(task)
+            if self.reload_reason is not None and not task.done():  # a reload during a start: handled once ready
+                await asyncio.wait([task], timeout=0.5)
+        task.result()
+        return True
+
     async def _serve(self, engine: Engine) -> None:
         """Hot until the engine dies, a reload is asked for, or the daemon stops."""
         self.engine = engine
@@ -244,19 +261,26 @@ class Daemon:
         self.notifier.ready(f"ready: {engine.spec.served_name}")
         died = asyncio.create_task(engine.wait())
         while True:
-            self.wake.clear()
-            waker = asyncio.create_task(self.wake.wait())
-            await asyncio.wait([died, waker], return_when=asyncio.FIRST_COMPLETED)
-            waker.cancel()
-            if died.done() and not engine.stopping:
-                self.ready.clear()
-                await self._death(engine, died.result())
-                return
-            if self.stop_requested:
+            if self.stop_requested:  # asked for while the engine was starting, or just now
                 return
             if self.reload_reason is not None:
                 await self._reload(engine)
                 return
+            if died.done() and not engine.stopping:
+                self.ready.clear()
+                await engine.stop()  # already gone: this closes its client session and socket file
+                await self._death(engine, died.result())
+                return
+            await self._wait_for(died)
+
+    async def _wait_for(self, task: asyncio.Task[Any]) -> None:
+        """Until ``task`` is done or something wakes the supervisor (stop, reload)."""
+        self.wake.clear()
+        if self.stop_requested or self.reload_reason is not None:
+            return
+        waker = asyncio.create_task(self.wake.wait())
+        await asyncio.wait([task, waker], return_when=asyncio.FIRST_COMPLETED)
+        waker.cancel()
 
     async def _death(self, engine: Engine, status: int) -> None:
         """Any exit we did not ask for is a death, whatever the status (vLLM's server exits 0 when

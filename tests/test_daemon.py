@@ -214,12 +214,12 @@ def test_reload_with_requests_in_flight_fails_none(daemon: Running) -> None:
     results: list[int] = []
     stop_sending = threading.Event()
 
-    def send() -> None:
+    def send() -> None:  # steady, light traffic: two engines already share the CI machine's 2 cores
         with client(daemon.socket, timeout=START_TIMEOUT) as c:
-            while not stop_sending.is_set():
-                results.append(c.post("/v1/completions", json={"model": "model", "prompt": "x", "max_tokens": 8}).status_code)
+            while not stop_sending.wait(0.3):
+                results.append(c.post("/v1/completions", json={"model": "model", "prompt": "x", "max_tokens": 4}).status_code)
 
-    senders = [threading.Thread(target=send) for _ in range(4)]
+    senders = [threading.Thread(target=send) for _ in range(2)]
     for t in senders:
         t.start()
     daemon.proc.send_signal(signal.SIGHUP)
@@ -227,14 +227,15 @@ def test_reload_with_requests_in_flight_fails_none(daemon: Running) -> None:
         daemon.read_notify("RELOADING=1", 30)
         deadline = time.monotonic() + START_TIMEOUT
         while daemon.status()["engine"]["id"] == before or daemon.status()["state"] != "ready":
-            assert time.monotonic() < deadline
+            assert time.monotonic() < deadline, daemon.status()
             time.sleep(1)
+        answered_during_reload = len(results)
         time.sleep(1)
     finally:
         stop_sending.set()
         for t in senders:
             t.join(60)
-    assert results and set(results) == {200}, results
+    assert answered_during_reload > 5 and set(results) == {200}, results
 
 
 def test_sigterm_finishes_the_request_in_flight_and_leaves_no_process(daemon: Running) -> None:
