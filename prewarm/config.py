@@ -88,7 +88,8 @@ class DaemonSettings:
     restart_backoff_s: float = 1.0
     reload: str = "blue-green"
     grace_s: float = 30.0
-    health_interval_s: float = 5.0
+    monitor_interval_s: float = 30.0  # how often the weights' residency and files are checked
+    watch_source: bool = True  # a changed local model source triggers a reload
 
     @property
     def handoff_path(self) -> Path:
@@ -103,7 +104,7 @@ class DaemonSettings:
 
 
 _KEYS = {f.name: f for f in dataclasses.fields(DaemonSettings)}
-_DURATIONS = {"queue_timeout_s", "startup_timeout_s", "restart_window_s", "restart_backoff_s", "grace_s", "health_interval_s"}
+_DURATIONS = {"queue_timeout_s", "startup_timeout_s", "restart_window_s", "restart_backoff_s", "grace_s", "monitor_interval_s"}
 _COUNTS = {"queue_max", "max_restarts"}
 
 
@@ -199,7 +200,7 @@ def _check(key: str, value: Any, where: str) -> Any:
         if not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o777:
             raise bad("an octal mode such as 0660 (a string in TOML: \"0660\")")
         return mode
-    if key in ("warmup", "lock", "gpu"):
+    if key in ("warmup", "lock", "gpu", "watch_source"):
         if isinstance(value, str) and value.lower() in ("1", "true", "yes", "0", "false", "no"):
             return value.lower() in ("1", "true", "yes")
         if not isinstance(value, bool):

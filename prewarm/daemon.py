@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import grp
 import logging
+import os
 import shutil
 import signal
 import time
@@ -28,6 +30,7 @@ from prewarm.notify import Notifier, listen_sockets
 from prewarm.peer import AccessPolicy
 from prewarm.prepare import Prepared, prepare
 from prewarm.unixsock import bind_unix, private_runtime_dir, remove_unix
+from prewarm.warm import residency, warm
 
 log = logging.getLogger(__name__)
 STATES = ("fetching", "resharding", "verifying", "warming", "starting", "ready", "reloading", "degraded", "failed", "stopping")
@@ -144,11 +147,15 @@ class Daemon:
         self.handoff = HandoffServer(handoff, self.policy, self._handoff_target, log)
         await self.handoff.start()
         log.info("listening on %s (handoff %s)", self.settings.socket, self.settings.handoff_path)
-        watchdog = asyncio.create_task(self._watchdog())
+        background = [asyncio.create_task(self._watchdog()), asyncio.create_task(self._monitor())]
+        watcher = self._watch_source()
         try:
             await self._supervise()
         finally:
-            watchdog.cancel()
+            for task in background:
+                task.cancel()
+            if watcher is not None:
+                watcher.stop()
             await self._shutdown(public, handoff)
         return 0
 
@@ -193,14 +200,76 @@ class Daemon:
     async def _async_state(self, state: str) -> None:
         self.set_state(state)
 
+    async def _monitor(self) -> None:
+        """While hot: re-warm weights that fell out of the page cache; notice files that changed on
+        disk after they were verified (the engine keeps serving from memory: state degraded, and
+        the next reload rebuilds or re-verifies them)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.settings.monitor_interval_s)
+            prepared = self.prepared
+            if prepared is None or self.state not in ("ready", "degraded"):
+                continue
+            changed = await loop.run_in_executor(None, _changed_files, prepared)
+            if changed and self.state == "ready":
+                log.error("files of %s changed on disk after verification: %s", prepared.serving_dir, ", ".join(changed[:5]))
+                self.set_state("degraded", f"{len(changed)} files changed on disk since verified; reload to rebuild")
+            if not changed:
+                await loop.run_in_executor(None, self._rewarm, prepared)
+
+    def _rewarm(self, prepared: Prepared) -> None:
+        now = residency(prepared.serving_dir)
+        if now.complete or now.unknown_bytes:
+            return
+        missing = now.total_bytes - now.resident_bytes
+        log.info("%s: %d bytes fell out of the page cache; warming them again", prepared.serving_dir, missing)
+        result = warm(prepared.serving_dir)
+        self.prepared = dataclasses.replace(
+            prepared, residency={**prepared.residency, "resident_bytes": result.after.resident_bytes, "rewarmed_at": time.time()}
+        )
+
+    def _watch_source(self) -> Any:
+        """A watchdog observer on a local model source: a change asks for a reload (after 2 s quiet)."""
+        source = Path(self.settings.model)
+        if not self.settings.watch_source or not source.is_dir():
+            return None
+        from watchdog.events import FileSystemEvent, FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        loop = asyncio.get_running_loop()
+        pending: list[asyncio.TimerHandle] = []
+
+        def later() -> None:
+            self.request_reload(f"the model source {source} changed")
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event: FileSystemEvent) -> None:
+                name = os.path.basename(os.fsdecode(event.src_path))
+                if name.startswith(".") or event.event_type in ("opened", "closed_no_write"):
+                    return  # our own records (.prewarm-*) and reads are not changes
+                loop.call_soon_threadsafe(debounce)
+
+        def debounce() -> None:
+            for handle in pending:
+                handle.cancel()
+            pending[:] = [loop.call_later(2.0, later)]
+
+        observer = Observer()
+        observer.schedule(Handler(), str(source), recursive=False)
+        observer.daemon = True
+        observer.start()
+        return observer
+
     async def _supervise(self) -> None:
         self.loop = asyncio.get_running_loop()
         while not self.stop_requested:
-            try:
-                self.prepared = await self._prepare()
-            except Exception as exc:
-                await self._fail(f"preparing the weights failed: {exc}", [])
-                continue
+            if self.prepared is None or self.state in ("reloading", "degraded") or _changed_files(self.prepared):
+                try:
+                    self.prepared = await self._prepare()
+                except Exception as exc:
+                    await self._fail(f"preparing the weights failed: {exc}", [])
+                    continue
+            # else: an engine restart after a death; the verified weights are unchanged on disk
             engine = await self._start_engine()
             if engine is None:
                 continue
@@ -352,8 +421,13 @@ class Daemon:
         deadline = time.monotonic() + self.settings.grace_s
         while old.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        cut = old.in_flight
         await old.stop()
-        log.info("engine %d stopped after the switch (%d requests cut)", old.id, old.in_flight)
+        log.info("engine %d stopped after the switch (%d requests cut)", old.id, cut)
+        prepared = self.prepared
+        if prepared is not None and prepared.owned and old.spec.serving_dir != prepared.serving_dir:
+            log.info("removing %s: the engine that used it is gone", old.spec.serving_dir)
+            await asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, old.spec.serving_dir, True)
 
     async def _shutdown(self, public: Any, handoff: Any) -> None:
         self.set_state("stopping")
@@ -369,6 +443,19 @@ class Daemon:
         if self.runtime_dir is not None:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
         log.info("stopped")
+
+
+def _changed_files(prepared: Prepared) -> list[str]:
+    changed = []
+    for name, identity in prepared.identities.items():
+        try:
+            st = os.stat(prepared.serving_dir / name)
+        except OSError:
+            changed.append(name)
+            continue
+        if (st.st_size, st.st_mtime_ns, st.st_ino) != identity:
+            changed.append(name)
+    return changed
 
 
 def run_daemon(settings: DaemonSettings, env: dict[str, str], systemd: dict[str, str]) -> int:

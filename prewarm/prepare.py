@@ -40,6 +40,8 @@ class Prepared:
     source_dir: Path
     verification: dict[str, Any]
     residency: dict[str, Any]
+    identities: dict[str, tuple[int, int, int]]
+    owned: bool  # the serving directory is prewarm's own (in the cache), rebuilt from the source
 
 
 @contextlib.contextmanager
@@ -73,6 +75,8 @@ def prepare(settings: DaemonSettings, on_phase: OnPhase) -> Prepared:
          "seconds": round(report.seconds, 3), "at": time.time()},
         {"total_bytes": warmed.after.total_bytes, "resident_bytes": warmed.after.resident_bytes,
          "unknown_bytes": warmed.after.unknown_bytes},
+        file_identities(serving),
+        owned,
     )
 
 
@@ -85,9 +89,30 @@ def _is_serving_dir(directory: Path) -> bool:
 
 
 def _cache_place(settings: DaemonSettings, source_dir: Path) -> Path:
-    """Where a local checkpoint's serving directory goes: named for it and for its real path."""
+    """Where a local checkpoint's serving directory goes: named for its real path and for what its
+    files are now (name, size, mtime), so a changed checkpoint gets a new serving directory while
+    the running engine keeps the old one."""
     real = os.path.realpath(source_dir)
-    return settings.cache_dir / "serving" / f"{Path(real).name}-{xxhash.xxh3_64_hexdigest(real.encode())[:12]}"
+    key = xxhash.xxh3_64(real.encode())
+    with os.scandir(real) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            if entry.is_file() and not entry.name.startswith("."):
+                st = entry.stat()
+                key.update(f"{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return settings.cache_dir / "serving" / f"{Path(real).name}-{key.hexdigest()[:16]}"
+
+
+def file_identities(directory: Path) -> dict[str, tuple[int, int, int]]:
+    """(size, mtime, inode) of every file the manifest lists, as verified: a later difference
+    means the files on disk are no longer the ones the engine loaded."""
+    identities = {}
+    for name in read_manifest(directory).files:
+        try:
+            st = os.stat(directory / name)
+        except OSError:
+            continue
+        identities[name] = (st.st_size, st.st_mtime_ns, st.st_ino)
+    return identities
 
 
 def _build_and_verify(

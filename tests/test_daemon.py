@@ -56,8 +56,9 @@ def client(sock: Path, timeout: float = 120) -> httpx.Client:
     return httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://prewarm", timeout=timeout)
 
 
-def start_daemon(model: Path, workdir: Path, *extra: str) -> Running:
+def start_daemon(model: Path, workdir: Path, *extra: str, env_extra: dict[str, str] | None = None) -> Running:
     short = Path(tempfile.mkdtemp(prefix="pw-", dir="/tmp"))  # sun_path holds 107 bytes
+    short.chmod(0o755)  # so that another user can reach the sockets (and be refused by the daemon)
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(short / "notify"))
     log = workdir / "daemon.log"
@@ -67,6 +68,7 @@ def start_daemon(model: Path, workdir: Path, *extra: str) -> Running:
         "NOTIFY_SOCKET": str(short / "notify"),
         "RUNTIME_DIRECTORY": str(short),
         "PREWARM_CACHE": str(workdir / "cache"),
+        **(env_extra or {}),
     }
     env.pop("PREWARM_DEBUG", None)
     cmd = [sys.executable, "-m", "prewarm", "daemon", "--model", str(model), "--socket", str(short / "s.sock"), *extra]
@@ -102,7 +104,7 @@ def engine_processes() -> list[int]:
 
 @pytest.fixture(scope="module")
 def daemon(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    running = start_daemon(tiny_model, tmp_path_factory.mktemp("daemon"))
+    running = start_daemon(tiny_model, tmp_path_factory.mktemp("daemon"), env_extra={"PREWARM_SOCKET_MODE": "0666"})
     early: dict[str, Any] = {}
 
     def ask_before_ready() -> None:
@@ -190,6 +192,25 @@ def test_the_openai_package_and_the_handoff(daemon: Running) -> None:
             assert answer.usage is not None and answer.usage.completion_tokens == 3
 
 
+def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
+    cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_a_forbidden_peer_is_refused_on_both_sockets(daemon: Running) -> None:
+    """The socket is 0666 here, so only the daemon's own check (SO_PEERCRED) stands in the way."""
+    proc = as_nobody("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket", str(daemon.socket), "http://x/v1/models")
+    assert proc.stdout == "403", (proc.stdout, proc.stderr)
+    code = (
+        "import sys; from prewarm.client import handoff\n"
+        "try:\n    handoff(sys.argv[1])\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
+    )
+    proc = as_nobody(sys.executable, "-c", code, str(daemon.socket) + ".handoff")
+    assert "forbidden" in proc.stdout, (proc.stdout, proc.stderr)
+    assert "refused a client on the public socket: uid 65534" in daemon.log.read_text()
+    assert daemon.status()["refused_clients"] >= 1
+
+
 def test_engine_killed_is_restarted(daemon: Running) -> None:
     before = daemon.status()["engine"]
     os.kill(before["pid"], signal.SIGKILL)
@@ -256,3 +277,58 @@ def test_sigterm_finishes_the_request_in_flight_and_leaves_no_process(daemon: Ru
     assert not daemon.socket.exists()
     assert any("STOPPING=1" in m for m in daemon.messages) or daemon.read_notify("STOPPING=1", 5) is None
     assert engine_processes() == []
+
+
+def test_a_bad_config_is_refused_at_start(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    for text, needle in (
+        ('model = "x"\nsocket = "/tmp/x.sock"\nqueue_max = -1\n', "queue_max = -1"),
+        ('model = "x"\nsocket = "/tmp/x.sock"\nfrobnicate = 1\n', "unknown setting 'frobnicate'"),
+        ('model = "x"\nsocket = "/tmp/x.sock"\nreload = "sideways"\n', "reload = 'sideways'"),
+        ('socket = "/tmp/x.sock"\n', "no model given"),
+        ("model = [\n", "not valid TOML"),
+    ):
+        config.write_text(text)
+        proc = subprocess.run(
+            [sys.executable, "-m", "prewarm", "daemon", "--config", str(config)],
+            capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and needle in errors[0], proc.stderr
+        assert "  hint: " in proc.stderr
+
+
+def test_damaged_weights_are_never_loaded(tiny_model: Path, tmp_path: Path) -> None:
+    served = tmp_path / "served"
+    subprocess.run(
+        [sys.executable, "-m", "prewarm", "-q", "reshard", str(tiny_model), str(served)],
+        check=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    shard = sorted(served.glob("*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    running = start_daemon(served, tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                status = running.status()
+            except httpx.HTTPError:
+                status = {}
+            if status.get("state") == "failed":
+                break
+            assert time.monotonic() < deadline and running.proc.poll() is None, running.log.read_text()[-3000:]
+            time.sleep(0.2)
+        assert "failed verification" in status["failure"]["reason"] and status["engine"] is None
+        with client(running.socket) as c:
+            health = c.get("/health")
+            answer = c.post("/v1/completions", json={"model": "served", "prompt": "x", "max_tokens": 2})
+        assert health.status_code == 503 and answer.status_code == 503
+        assert "failed verification" in answer.json()["error"]["message"]
+        assert engine_processes() == []
+        running.proc.send_signal(signal.SIGTERM)
+        assert running.proc.wait(60) == 0
+    finally:
+        stop(running)
