@@ -56,7 +56,11 @@ def handoff(handoff_path: str | os.PathLike[str], timeout: float | None = 5.0) -
     try:
         reply = _parse(line, path)
         if len(fds) != 1:
-            raise HandoffError(f"expected one descriptor with the reply, got {len(fds)}", str(path))
+            raise HandoffError(
+                f"expected one descriptor with the reply, got {len(fds)}",
+                str(path),
+                hint="the handoff socket is not prewarm's, or the daemon is newer than this client: use the public socket",
+            )
         engine = socket.socket(fileno=fds[0])  # the family and type are read from the descriptor
         engine.setblocking(True)  # O_NONBLOCK came with the descriptor if the sender had set it (fcntl(2))
         return engine, reply

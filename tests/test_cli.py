@@ -26,7 +26,7 @@ def test_plain_progress_prints_a_line_per_tenth_from_many_threads(capsys: pytest
 
 def test_core_commands_do_not_import_torch_or_vllm() -> None:
     code = (
-        "import sys, prewarm.cli, prewarm.reshard, prewarm.verify, prewarm.manifest; "
+        "import sys, prewarm.cli, prewarm.reshard, prewarm.verify, prewarm.manifest, prewarm.daemon, prewarm.client; "
         "sys.exit(sorted({'torch', 'vllm', 'transformers'} & set(sys.modules)) or 0)"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)

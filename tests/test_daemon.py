@@ -332,3 +332,29 @@ def test_damaged_weights_are_never_loaded(tiny_model: Path, tmp_path: Path) -> N
         assert running.proc.wait(60) == 0
     finally:
         stop(running)
+
+
+def test_an_engine_that_cannot_start_is_a_clear_failure_not_a_crash_loop(tiny_model: Path, tmp_path: Path) -> None:
+    model = Path(shutil.copytree(tiny_model, tmp_path / "odd"))
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchModelForCausalLM"]}))
+    running = start_daemon(model, tmp_path)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                status = running.status()
+            except httpx.HTTPError:
+                status = {}
+            if status.get("state") == "failed":
+                break
+            assert time.monotonic() < deadline and running.proc.poll() is None, running.log.read_text()[-3000:]
+            time.sleep(0.5)
+        failure = status["failure"]
+        assert "exited with status" in failure["reason"] and failure["last_lines"], failure
+        assert any("NoSuchModelForCausalLM" in line for line in failure["last_lines"]), failure["last_lines"]
+        time.sleep(3)
+        assert running.status()["engine"]["restarts"] == 0 and engine_processes() == [], "no crash loop"
+        assert "NoSuchModelForCausalLM" in running.log.read_text()
+    finally:
+        stop(running)
