@@ -481,7 +481,9 @@ class DaemonBench:
             "import sys; from pathlib import Path; from prewarm.synthetic import build_tiny_qwen2; "
             "build_tiny_qwen2(Path(sys.argv[1]))"
         )
-        subprocess.run([sys.executable, "-c", code, str(self.model)], check=True, env=self.env(), stdout=subprocess.DEVNULL)
+        built = subprocess.run([sys.executable, "-c", code, str(self.model)], env=self.env(), capture_output=True, text=True)
+        if built.returncode != 0:
+            raise RuntimeError(f"building the model failed ({built.returncode}):\n{built.stderr[-3000:]}")
         size = sum(p.stat().st_size for p in self.model.iterdir() if p.is_file())
         self.results["model"] = {"dir": str(self.model), "bytes": size, "files": sorted(p.name for p in self.model.iterdir())}
         log(f"built the tiny Qwen2 model: {size / MB:.1f} MB in {self.model}")
