@@ -30,7 +30,7 @@ from prewarm.notify import Notifier, listen_sockets
 from prewarm.peer import AccessPolicy
 from prewarm.prepare import Prepared, prepare
 from prewarm.unixsock import bind_unix, private_runtime_dir, remove_unix
-from prewarm.warm import residency, warm
+from prewarm.warm import PageLock, residency, warm
 
 log = logging.getLogger(__name__)
 STATES = ("fetching", "resharding", "verifying", "warming", "starting", "ready", "reloading", "degraded", "failed", "stopping")
@@ -59,6 +59,7 @@ class Daemon:
         self.gateway = Gateway(self, self.policy, settings.grace_s)
         self.handoff: HandoffServer | None = None
         self.runtime_dir: Path | None = None
+        self.page_lock: PageLock | None = None
 
     # -- state -------------------------------------------------------------------------------
     def set_state(self, state: str, detail: str = "") -> None:
@@ -186,7 +187,14 @@ class Daemon:
     async def _prepare(self) -> Prepared:
         self.phases = []
         started = time.monotonic()
-        prepared = await asyncio.get_running_loop().run_in_executor(None, prepare, self.settings, self._on_phase)
+        loop = asyncio.get_running_loop()
+        prepared = await loop.run_in_executor(None, prepare, self.settings, self._on_phase)
+        if self.settings.lock:  # mlock(2): the weights stay resident whatever else needs memory
+            held = await loop.run_in_executor(None, PageLock, prepared.serving_dir)
+            old, self.page_lock = self.page_lock, held
+            if old is not None:
+                old.release()
+            log.info("locked %d bytes of %s in memory", held.locked_bytes, prepared.serving_dir)
         log.info("weights ready in %.1f s: %s", time.monotonic() - started, prepared.serving_dir)
         return prepared
 
@@ -442,6 +450,8 @@ class Daemon:
         remove_unix(self.settings.handoff_path, handoff)
         if self.runtime_dir is not None:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        if self.page_lock is not None:
+            self.page_lock.release()
         log.info("stopped")
 
 

@@ -61,3 +61,17 @@ def test_every_error_prewarm_builds_says_what_to_do_next() -> None:
     assert len(calls) > 50
     missing = [f"{name}:{c.lineno}: {ast.unparse(c)[:100]}" for name, c in calls if not any(k.arg == "hint" for k in c.keywords)]
     assert not missing, "\n".join(missing)
+
+
+def test_the_example_config_loads_with_every_setting() -> None:
+    import dataclasses
+
+    from prewarm.config import DaemonSettings, load_settings
+
+    path = ROOT / "systemd" / "qwen-prewarm.toml"
+    settings = load_settings(path, {})
+    assert settings.model == "Qwen/Qwen2.5-7B-Instruct" and settings.socket_mode == 0o660
+    assert settings.engine_args == ("--enable-prefix-caching", "--gpu-memory-utilization", "0.9")
+    text = path.read_text()
+    missing = [f.name for f in dataclasses.fields(DaemonSettings) if f.name not in text and f.name != "engine_args"]
+    assert not missing, f"settings the example does not document: {missing}"
