@@ -560,7 +560,7 @@ def manifest(obj: Context, directory: Path, threads: int | None, as_json: bool) 
 
 
 @main.command()
-@click.option("--config", "config_file", type=PATH, default=None, help="TOML settings; systemd/qwen-prewarm.toml documents every key.")
+@click.option("--config", "config_file", type=PATH, default=None, help="TOML settings (systemd/qwen-prewarm.toml has them all).")
 @click.option("--model", default=None, help="Hub repo id (owner/name) or model directory to serve.")
 @click.option("--revision", default=None, help="With a hub repo id: branch, tag or commit.")
 @click.option("--socket", "socket_path", type=PATH, default=None, help="The public Unix socket (HTTP, OpenAI API).")

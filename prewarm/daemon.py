@@ -294,6 +294,7 @@ class Daemon:
             gpu=has_gpu() if self.settings.gpu is None else self.settings.gpu,
             cache_root=self.settings.cache_dir / "vllm",
             grace_s=self.settings.grace_s,
+            split_cpu=self.settings.reload == "blue-green",
         )
         engine = Engine(spec, self.env)
         started = time.monotonic()

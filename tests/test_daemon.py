@@ -104,9 +104,7 @@ def engine_processes() -> list[int]:
 
 @pytest.fixture(scope="module")
 def daemon(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    # OMP_WAIT_POLICY=PASSIVE: during a blue-green reload two CPU engines share 2 cores, and the
-    # serving one's OpenMP threads would otherwise spin between requests and starve the new one.
-    env = {"PREWARM_SOCKET_MODE": "0666", "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {"PREWARM_SOCKET_MODE": "0666"}
     running = start_daemon(tiny_model, tmp_path_factory.mktemp("daemon"), env_extra=env)
     early: dict[str, Any] = {}
 
