@@ -45,7 +45,12 @@ class Running:
     def read_notify(self, until: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while not any(until in m for m in self.messages):
-            if time.monotonic() > deadline or self.proc.poll() is not None:
+            exited = self.proc.poll() is not None  # read what it sent before it exited, then give up
+            self.notify.settimeout(0.01 if exited else 1)
+            with contextlib.suppress(TimeoutError):
+                self.messages.append(self.notify.recv(4096).decode())
+                continue
+            if time.monotonic() > deadline or exited:
                 raise AssertionError(f"no {until!r} from the daemon; got {self.messages}\nlog:\n{self.log.read_text()[-5000:]}")
             self.notify.settimeout(1)
             with contextlib.suppress(TimeoutError):
@@ -74,6 +79,10 @@ def start_daemon(model: Path, workdir: Path, *extra: str, env_extra: dict[str, s
     cmd = [sys.executable, "-m", "prewarm", "daemon", "--model", str(model), "--socket", str(short / "s.sock"), *extra]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not (short / "s.sock").exists():  # bound before anything slow: it appears at once
+        assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.05)
     return Running(proc, short / "s.sock", notify, log)
 
 
@@ -109,9 +118,6 @@ def daemon(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     early: dict[str, Any] = {}
 
     def ask_before_ready() -> None:
-        deadline = time.monotonic() + 30
-        while not running.socket.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
         early["state"] = running.status()["state"]
         with client(running.socket, timeout=START_TIMEOUT) as c:
             early["response"] = c.post("/v1/completions", json={"model": "model", "prompt": "Hi", "max_tokens": 4})
@@ -276,7 +282,7 @@ def test_sigterm_finishes_the_request_in_flight_and_leaves_no_process(daemon: Ru
     assert daemon.proc.wait(120) == 0
     assert got and got[-1] == "data: [DONE]"
     assert not daemon.socket.exists()
-    assert any("STOPPING=1" in m for m in daemon.messages) or daemon.read_notify("STOPPING=1", 5) is None
+    daemon.read_notify("STOPPING=1", 5)
     assert engine_processes() == []
 
 
