@@ -90,23 +90,24 @@ def stop(running: Running) -> None:
     if running.proc.poll() is None:
         running.proc.kill()
         running.proc.wait()
-    for pid in engine_processes():
+    for pid in engine_processes(running):
         os.kill(pid, signal.SIGKILL)
     running.notify.close()
     shutil.rmtree(running.socket.parent, ignore_errors=True)
 
 
-def engine_processes() -> list[int]:
-    """Every process of a vLLM engine or a prewarm reaper on this machine."""
+def engine_processes(running: Running) -> list[int]:
+    """Every process of a vLLM engine or prewarm reaper started by this daemon (they inherit its
+    unique RUNTIME_DIRECTORY), wherever it was reparented to."""
+    marker = f"RUNTIME_DIRECTORY={running.socket.parent}".encode() + b"\0"
     found = []
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
+        if entry.isdigit() and int(entry) != running.proc.pid:
             try:
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-                comm = Path(f"/proc/{entry}/comm").read_text()
+                environ = Path(f"/proc/{entry}/environ").read_bytes()
             except OSError:
                 continue
-            if b"vllm.entrypoints" in cmdline or b"prewarm.reaper" in cmdline or comm.startswith("VLLM"):
+            if marker in environ:
                 found.append(int(entry))
     return found
 
@@ -232,7 +233,7 @@ def test_engine_killed_is_restarted(daemon: Running) -> None:
         assert time.monotonic() < deadline, status
         time.sleep(1)
     assert status["engine"]["restarts"] == 1
-    assert before["pid"] not in engine_processes(), "the killed engine's processes are gone"
+    assert before["pid"] not in engine_processes(daemon), "the killed engine's processes are gone"
     with client(daemon.socket) as c:
         assert c.post("/v1/completions", json={"model": "model", "prompt": "x", "max_tokens": 2}).status_code == 200
 
@@ -283,7 +284,7 @@ def test_sigterm_finishes_the_request_in_flight_and_leaves_no_process(daemon: Ru
     assert got and got[-1] == "data: [DONE]"
     assert not daemon.socket.exists()
     daemon.read_notify("STOPPING=1", 5)
-    assert engine_processes() == []
+    assert engine_processes(daemon) == []
 
 
 def test_a_bad_config_is_refused_at_start(tmp_path: Path) -> None:
@@ -334,7 +335,7 @@ def test_damaged_weights_are_never_loaded(tiny_model: Path, tmp_path: Path) -> N
             answer = c.post("/v1/completions", json={"model": "served", "prompt": "x", "max_tokens": 2})
         assert health.status_code == 503 and answer.status_code == 503
         assert "failed verification" in answer.json()["error"]["message"]
-        assert engine_processes() == []
+        assert engine_processes(running) == []
         running.proc.send_signal(signal.SIGTERM)
         assert running.proc.wait(60) == 0
     finally:
@@ -361,7 +362,23 @@ def test_an_engine_that_cannot_start_is_a_clear_failure_not_a_crash_loop(tiny_mo
         assert "exited with status" in failure["reason"] and failure["last_lines"], failure
         assert any("NoSuchModelForCausalLM" in line for line in failure["last_lines"]), failure["last_lines"]
         time.sleep(3)
-        assert running.status()["engine"]["restarts"] == 0 and engine_processes() == [], "no crash loop"
+        assert running.status()["engine"]["restarts"] == 0 and engine_processes(running) == [], "no crash loop"
         assert "NoSuchModelForCausalLM" in running.log.read_text()
+    finally:
+        stop(running)
+
+
+def test_a_daemon_killed_with_sigkill_leaves_no_engine_process(tiny_model: Path, tmp_path: Path) -> None:
+    running = start_daemon(tiny_model, tmp_path)
+    try:
+        running.read_notify("READY=1", START_TIMEOUT)
+        tree = engine_processes(running)
+        assert len(tree) >= 3, "reaper, API server and engine core at least"
+        running.proc.send_signal(signal.SIGKILL)
+        running.proc.wait(10)
+        deadline = time.monotonic() + 30
+        while engine_processes(running) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert engine_processes(running) == [], "an engine process outlived the daemon"
     finally:
         stop(running)
