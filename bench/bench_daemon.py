@@ -412,25 +412,43 @@ class Daemon:
     notify: socket.socket
     log: Path
     started: float
-    messages: list[str] = field(default_factory=list)
+    messages: list[tuple[float, str]] = field(default_factory=list)  # (perf_counter, datagram)
+    drain: asyncio.Task[None] | None = None
+
+    def start_draining(self) -> None:
+        """Read every sd_notify datagram as it comes, as systemd does. An unread datagram socket
+        holds only net.unix.max_dgram_qlen datagrams (10 here); then the daemon's sendto(2)
+        blocks, and with it the daemon's event loop (seen: a hang at SIGTERM after a reload)."""
+
+        async def drain() -> None:
+            loop = asyncio.get_running_loop()
+            while True:
+                data = await loop.sock_recv(self.notify, 4096)
+                self.messages.append((time.perf_counter(), data.decode(errors="replace")))
+
+        self.drain = asyncio.create_task(drain())
+
+    async def stop_draining(self) -> None:
+        if self.drain is not None:
+            self.drain.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.drain
+            self.drain = None
 
     async def read_notify(self, until: str, timeout: float) -> float:
-        """Wait for an sd_notify datagram containing ``until``; the perf_counter when it came."""
-        loop = asyncio.get_running_loop()
+        """Wait for an sd_notify datagram with the line ``until``; the perf_counter when it came."""
         deadline = time.perf_counter() + timeout
         while True:
-            for m in self.messages:
-                if until in m.split("\n"):
-                    return time.perf_counter()
+            for when, message in self.messages:
+                if until in message.split("\n"):
+                    return when
             if self.proc.poll() is not None:
                 raise RuntimeError(
                     f"daemon {self.name} exited with {self.proc.returncode} before {until}; log:\n{tail(self.log)}"
                 )
             if time.perf_counter() > deadline:
                 raise RuntimeError(f"no {until} from daemon {self.name} in {timeout:.0f} s; log:\n{tail(self.log)}")
-            with contextlib.suppress(TimeoutError):
-                data = await asyncio.wait_for(loop.sock_recv(self.notify, 4096), 1.0)
-                self.messages.append(data.decode(errors="replace"))
+            await asyncio.sleep(0.02)
 
     async def status(self) -> dict[str, Any]:
         async with async_client(self.public, httpx.Timeout(30.0)) as c:
@@ -602,6 +620,7 @@ class DaemonBench:
         self.children.append(proc)
         self.ours.add_session(proc.pid)  # start_new_session: its own session id
         daemon = Daemon(name, proc, sock, notify, log_path, started)
+        daemon.start_draining()
         self.daemons.append(daemon)
         self.results.setdefault("daemon_command", shlex.join(cmd))
         return daemon
@@ -641,12 +660,16 @@ class DaemonBench:
         if code is None:
             self.note(f"daemon {daemon.name} did not exit within {STOP_TIMEOUT_S:.0f} s of SIGTERM; killed")
             stop_group(daemon.proc, 0)
-        await asyncio.sleep(0.5)
-        left = [desc for pid in self.ours.pids() if (desc := engine_like(pid))]
+        # The reaper ends the engine's group within its grace period when the daemon was killed.
+        deadline = time.perf_counter() + (2.0 if code == 0 else 45.0)
+        while (left := [desc for pid in self.ours.pids() if (desc := engine_like(pid))]) and time.perf_counter() < deadline:
+            await asyncio.sleep(0.25)
         if left:
             self.leftovers[daemon.name] = left
             self.note(f"after daemon {daemon.name} stopped, engine processes were left: {left}")
+        await daemon.stop_draining()
         daemon.notify.close()
+        self.results.setdefault("notifications", {})[daemon.name] = [m.strip().replace("\n", "; ") for _, m in daemon.messages]
         log(f"  daemon {daemon.name} stopped in {stop_s:.2f} s with status {code}; {len(left)} engine processes left")
         return {"stop_s": stop_s, "exit_code": code, "leftover_processes": left, "vm_rss_kib": rss, "vm_hwm_kib": hwm}
 
@@ -983,12 +1006,12 @@ class DaemonBench:
 
     def cleanup(self) -> None:
         for daemon in self.daemons:
+            with contextlib.suppress(OSError):
+                daemon.notify.close()  # nobody reads it any more: the daemon's sendto must fail, not block
             if daemon.proc.poll() is None:
                 daemon.proc.send_signal(signal.SIGTERM)  # graceful: its reaper stops the engine
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     daemon.proc.wait(STOP_TIMEOUT_S)
-            with contextlib.suppress(OSError):
-                daemon.notify.close()
         for proc in self.children:
             stop_group(proc, 0)
         killed = []

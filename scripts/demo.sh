@@ -32,8 +32,8 @@ curl -s --unix-socket "$SOCK" http://prewarm/prewarm/status | .venv/bin/python -
 import json, sys
 s = json.load(sys.stdin)
 for p in s["phases"]:
-    print(f"   {p[\"name\"]:<13} {p[\"seconds\"]:8.2f} s")
-print(f"   engine pid {s[\"engine\"][\"pid\"]}, serving {s[\"model\"][\"serving_dir\"]}")'
+    print("   %-13s %8.2f s" % (p["name"], p["seconds"]))
+print("   engine pid %s, serving %s" % (s["engine"]["pid"], s["model"]["serving_dir"]))'
 echo "== a streamed answer through the socket (noise: the weights are random)"
 curl -sN --unix-socket "$SOCK" http://prewarm/v1/chat/completions -H 'content-type: application/json' \
   -d '{"model": "checkpoint", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16, "stream": true}' |
@@ -44,7 +44,7 @@ for line in sys.stdin:
     if line.startswith("data: {"):
         delta = json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
         print(repr(delta), end=" ", flush=True)
-print(f"\n   ({time.perf_counter() - start:.3f} s)")'
+print("\n   (%.3f s)" % (time.perf_counter() - start))'
 echo "== the same from Python, with the openai package over the handoff socket"
 .venv/bin/python - "$SOCK" <<'EOF'
 import sys, time, httpx, openai

@@ -172,6 +172,21 @@ def test_streaming_chat_completion_arrives_in_pieces(daemon: Running) -> None:
     assert len(chunks) >= 3 and all(c["object"] == "chat.completion.chunk" for c in chunks)
 
 
+def test_json_mode_gives_json_that_fits_the_schema(daemon: Running) -> None:
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+    body = {
+        "model": "model",
+        "messages": [{"role": "user", "content": "Answer in JSON."}],
+        "max_tokens": 256,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},
+    }
+    with client(daemon.socket) as c:
+        choice = c.post("/v1/chat/completions", json=body).json()["choices"][0]
+    assert choice["finish_reason"] == "stop", choice
+    answer = json.loads(choice["message"]["content"])  # the weights are random: the grammar alone makes this JSON
+    assert set(answer) == {"ok"} and isinstance(answer["ok"], bool)
+
+
 def test_only_the_openai_routes_reach_the_engine(daemon: Running) -> None:
     with client(daemon.socket) as c:
         assert c.get("/v1/models").json()["data"][0]["id"] == "model"
