@@ -96,6 +96,15 @@ def stop(running: Running) -> None:
     shutil.rmtree(running.socket.parent, ignore_errors=True)
 
 
+def wait_for_state(running: Running, state: str, timeout: float) -> dict[str, Any]:
+    """The daemon's status once it reports ``state``; fails if it exits or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while (status := running.status())["state"] != state:
+        assert time.monotonic() < deadline and running.proc.poll() is None, (status, running.log.read_text()[-3000:])
+        time.sleep(0.2)
+    return status
+
+
 def engine_processes(running: Running) -> list[int]:
     """Every process of a vLLM engine or prewarm reaper started by this daemon (they inherit its
     unique RUNTIME_DIRECTORY), wherever it was reparented to."""
@@ -334,16 +343,7 @@ def test_damaged_weights_are_never_loaded(tiny_model: Path, tmp_path: Path) -> N
     shard.write_bytes(bytes(data))
     running = start_daemon(served, tmp_path)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                status = running.status()
-            except httpx.HTTPError:
-                status = {}
-            if status.get("state") == "failed":
-                break
-            assert time.monotonic() < deadline and running.proc.poll() is None, running.log.read_text()[-3000:]
-            time.sleep(0.2)
+        status = wait_for_state(running, "failed", 60)
         assert "failed verification" in status["failure"]["reason"] and status["engine"] is None
         with client(running.socket) as c:
             health = c.get("/health")
@@ -363,16 +363,7 @@ def test_an_engine_that_cannot_start_is_a_clear_failure_not_a_crash_loop(tiny_mo
     (model / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchModelForCausalLM"]}))
     running = start_daemon(model, tmp_path)
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            try:
-                status = running.status()
-            except httpx.HTTPError:
-                status = {}
-            if status.get("state") == "failed":
-                break
-            assert time.monotonic() < deadline and running.proc.poll() is None, running.log.read_text()[-3000:]
-            time.sleep(0.5)
+        status = wait_for_state(running, "failed", START_TIMEOUT)
         failure = status["failure"]
         assert "exited with status" in failure["reason"] and failure["last_lines"], failure
         assert any("NoSuchModelForCausalLM" in line for line in failure["last_lines"]), failure["last_lines"]
