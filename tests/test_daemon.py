@@ -123,7 +123,7 @@ def engine_processes(running: Running) -> list[int]:
 
 @pytest.fixture(scope="module")
 def daemon(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    env = {"PREWARM_SOCKET_MODE": "0666"}
+    env = {"PREWARM_SOCKET_MODE": "0666", "PREWARM_MONITOR_INTERVAL_S": "1"}
     running = start_daemon(tiny_model, tmp_path_factory.mktemp("daemon"), env_extra=env)
     early: dict[str, Any] = {}
 
@@ -260,6 +260,32 @@ def test_engine_killed_is_restarted(daemon: Running) -> None:
     assert before["pid"] not in engine_processes(daemon), "the killed engine's processes are gone"
     with client(daemon.socket) as c:
         assert c.post("/v1/completions", json={"model": "model", "prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_evicted_weights_are_warmed_again_and_changed_files_make_it_degraded(daemon: Running) -> None:
+    serving = Path(daemon.status()["model"]["serving_dir"])
+    evicted = subprocess.run(
+        [sys.executable, "-m", "prewarm", "evict", str(serving), "--json"],
+        capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert json.loads(evicted.stdout)["after"]["resident_bytes"] < json.loads(evicted.stdout)["before"]["resident_bytes"]
+    deadline = time.monotonic() + 30
+    while "warming them again" not in daemon.log.read_text():
+        assert time.monotonic() < deadline, "the daemon did not notice its weights left the page cache"
+        time.sleep(0.2)
+    from prewarm.warm import residency
+
+    deadline = time.monotonic() + 30
+    while not residency(serving).complete:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    shard = sorted(serving.glob("*.safetensors"))[0]
+    os.utime(shard)  # rewritten, as far as anyone can tell without reading it
+    status = wait_for_state(daemon, "degraded", 30)
+    assert "changed on disk" in daemon.log.read_text()
+    with client(daemon.socket) as c:  # the engine has its weights in memory: it keeps serving
+        assert c.post("/v1/completions", json={"model": "model", "prompt": "x", "max_tokens": 2}).status_code == 200
+    assert status["engine"]["id"] >= 1
 
 
 def test_reload_with_requests_in_flight_fails_none(daemon: Running) -> None:
