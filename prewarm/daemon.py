@@ -283,7 +283,9 @@ class Daemon:
                 continue
             await self._serve(engine)
 
-    async def _start_engine(self) -> Engine | None:
+    async def _start_engine(self, beside: Engine | None = None) -> Engine | None:
+        """A new hot engine, or None. With ``beside`` (a blue-green reload), a new engine that cannot
+        start leaves the old one serving; otherwise the state becomes failed."""
         assert self.prepared is not None and self.runtime_dir is not None
         self.set_state("starting")
         spec = EngineSpec(
@@ -310,6 +312,11 @@ class Daemon:
             self.phases.append({"name": "warmup", "seconds": round(time.monotonic() - warm_started, 3)})
         except EngineFailed as exc:
             await engine.stop()
+            if beside is not None:
+                log.error("reload failed, the old engine keeps serving: %s", exc.message)
+                reason = f"the last reload failed: {exc.message}"
+                self.failure = {"reason": reason, "last_lines": list(exc.lines)[-20:], "at": time.time()}
+                return None
             self.engine = engine
             await self._fail(exc.message, list(exc.lines))
             return None
@@ -330,10 +337,11 @@ class Daemon:
         task.result()
         return True
 
-    async def _serve(self, engine: Engine) -> None:
+    async def _serve(self, engine: Engine, keep_failure: bool = False) -> None:
         """Hot until the engine dies, a reload is asked for, or the daemon stops."""
         self.engine = engine
-        self.failure = None
+        if not keep_failure:
+            self.failure = None
         self.ready.set()
         self.set_state("ready", f"{engine.spec.served_name} on {self.settings.socket}")
         self.notifier.ready(f"ready: {engine.spec.served_name}")
@@ -418,8 +426,11 @@ class Daemon:
                 return
             await self._fail(f"preparing the weights failed: {exc}", [])
             return
-        new = await self._start_engine()
+        new = await self._start_engine(beside=None if self.settings.reload == "restart" else old)
         if new is None:
+            if self.settings.reload != "restart" and not self.stop_requested:
+                self.set_state("ready", "the reload failed; still serving the old engine")
+                await self._serve(old, keep_failure=True)
             return
         self.engine = new  # new requests go to the new engine from here on
         if self.settings.reload != "restart":

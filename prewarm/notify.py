@@ -46,6 +46,9 @@ class Notifier:
         payload = "".join(f"{key}={str(value).replace(chr(10), ' ')}\n" for key, value in fields.items())
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                # Never block the event loop: a reader that does not keep up (its queue holds
+                # net.unix.max_dgram_qlen datagrams) loses a status line, not the daemon.
+                sock.setblocking(False)
                 sock.sendto(payload.encode(), self._address)
         except OSError as exc:
             log.debug("sd_notify to %r failed: %s", self._address, exc)
