@@ -25,7 +25,8 @@ random weights, ~3 MB, so the answers are noise and the time is the serving stac
    engine id;
 6. a reload (SIGHUP to the daemon) while ``--reload-clients`` clients send without pause: failed
    requests (target 0), how long the reload took (SIGHUP to ready on the new engine), requests
-   served meanwhile;
+   served meanwhile (if the new engine is not ready ``--reload-timeout`` s after SIGHUP, the
+   clients stop and the report says so);
 7. the daemon's own RSS (``VmRSS`` of ``/proc/PID/status``, sampled every 0.25 s from ready to
    stop, and ``VmHWM``; the engine is other processes): target <= 100 MB;
 8. the ``engine_start`` phase of ``/prewarm/status`` for two daemons run one after the other with
@@ -39,7 +40,8 @@ Clients are httpx: ``AsyncClient`` on asyncio for 1, 2, 4 and 6; for 3 the sync 
 paths (``PrewarmTransport`` is a sync httpx transport; one client stack for all paths keeps the
 comparison fair), run in a thread.
 
-Each phase records the load average and where the CPU time went (this process, the daemon, the
+The daemons' ``NOTIFY_SOCKET`` is bound here and read all the time, as systemd reads its own (see
+``Daemon.start_draining``). Each phase records the load average and where the CPU time went (this process, the daemon, the
 engine processes, everything else on the machine, and steal), because on a small machine the
 client, the daemon and the engine share the cores. Every process this script starts carries a tag
 in its environment; at the end (also on failure or Ctrl-C) every tagged process still alive is
@@ -403,10 +405,10 @@ class CpuTracker:
 def _label(pid: int) -> str:
     try:
         comm = read_proc(pid, "comm").decode(errors="replace").strip()
-        cmdline = read_proc(pid, "cmdline").replace(b"\0", b" ").decode(errors="replace").strip()
+        cmdline = read_proc(pid, "cmdline").replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return "?"
-    return f"{pid} {comm}: {cmdline[:90]}"
+    return f"{pid} {comm}: {' '.join(cmdline.split())[:90]}"
 
 
 class Phase:
@@ -1118,12 +1120,16 @@ class DaemonBench:
                 targets.append({"target": name, "status": "N/A", "value": None, "limit": limit})
                 return "not measured"
             met = value >= limit if higher else value <= limit
-            if higher:
+            if limit == 0 and not higher:  # a count that must be zero
+                by = "none" if met else f"{fmt(value)}"
+            elif higher and "faster" in name:  # a speed-up: how many times the target
                 by = (
                     f"{value / limit:.1f}x the target"
                     if met
                     else f"short by {fmt(limit - value)} ({value / limit:.2f}x the target)"
                 )
+            elif higher:
+                by = f"{fmt(value - limit)} to spare" if met else f"short by {fmt(limit - value)}"
             else:
                 by = f"{fmt(limit - value)} to spare" if met else f"over by {fmt(value - limit)}"
             targets.append({"target": name, "status": "met" if met else "missed", "value": value, "limit": limit, "detail": by})
@@ -1227,7 +1233,7 @@ class DaemonBench:
                     f"4. {c['clients']} concurrent clients x {c['requests_per_client']}: failed",
                     f"{c['failed']} of {c['requests']}",
                     "0",
-                    target("concurrent clients: zero failed requests", c["failed"], 0, False, lambda x: f"{x:.0f} requests"),
+                    target("concurrent clients: zero failed requests", c["failed"], 0, False, lambda x: f"{x:.0f} failed"),
                 )
             )
             rows.append(
@@ -1256,9 +1262,7 @@ class DaemonBench:
                     f"6. reload (SIGHUP) under {rl['clients']} clients: failed",
                     f"{rl['all']['failed']} of {rl['all']['requests']}",
                     "0",
-                    target(
-                        "reload under load: zero failed requests", rl["all"]["failed"], 0, False, lambda x: f"{x:.0f} requests"
-                    ),
+                    target("reload under load: zero failed requests", rl["all"]["failed"], 0, False, lambda x: f"{x:.0f} failed"),
                 )
             )
             if rl["reload_s"] is None:
@@ -1322,7 +1326,7 @@ class DaemonBench:
                             len(st["leftover_processes"]),
                             0,
                             False,
-                            lambda x: f"{x:.0f}",
+                            lambda x: f"{x:.0f} left",
                         ),
                     )
                 )
