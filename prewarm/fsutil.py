@@ -30,15 +30,6 @@ _AT_FDCWD = -100
 _TEMP_SUFFIX = ".tmp"
 
 
-def require_directory(path: Path) -> None:
-    if str(path) == "":
-        raise FilesystemError("an empty path was given", hint="name a directory (is a shell variable unset?)")
-    if not path.exists():
-        raise FilesystemError("no such directory", str(path), hint="check the path")
-    if not path.is_dir():
-        raise FilesystemError("not a directory", str(path), hint="give the directory that holds the files")
-
-
 def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
