@@ -6,7 +6,6 @@ the last ones restart, reload and stop it."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -42,19 +41,28 @@ class Running:
         with httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)), timeout=10) as client:
             return dict(client.get("http://prewarm/prewarm/status").json())
 
+    def collect_notifications(self) -> None:
+        """Drain the notify socket as systemd would (a full queue would drop the daemon's messages)."""
+        while True:
+            try:
+                message = self.notify.recv(4096)
+            except OSError:
+                return
+            if not message:
+                return  # shut down by stop()
+            self.messages.append(message.decode())
+
     def read_notify(self, until: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while not any(until in m for m in self.messages):
-            exited = self.proc.poll() is not None  # read what it sent before it exited, then give up
-            self.notify.settimeout(0.01 if exited else 1)
-            with contextlib.suppress(TimeoutError):
-                self.messages.append(self.notify.recv(4096).decode())
-                continue
+            exited = self.proc.poll() is not None
+            if exited:
+                time.sleep(0.2)  # what it sent before it exited
+            if any(until in m for m in self.messages):
+                return
             if time.monotonic() > deadline or exited:
                 raise AssertionError(f"no {until!r} from the daemon; got {self.messages}\nlog:\n{self.log.read_text()[-5000:]}")
-            self.notify.settimeout(1)
-            with contextlib.suppress(TimeoutError):
-                self.messages.append(self.notify.recv(4096).decode())
+            time.sleep(0.05)
 
 
 def client(sock: Path, timeout: float = 120) -> httpx.Client:
@@ -83,7 +91,9 @@ def start_daemon(model: Path, workdir: Path, *extra: str, env_extra: dict[str, s
     while not (short / "s.sock").exists():  # bound before anything slow: it appears at once
         assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-3000:]
         time.sleep(0.05)
-    return Running(proc, short / "s.sock", notify, log)
+    running = Running(proc, short / "s.sock", notify, log)
+    threading.Thread(target=running.collect_notifications, daemon=True).start()
+    return running
 
 
 def stop(running: Running) -> None:
@@ -92,6 +102,7 @@ def stop(running: Running) -> None:
         running.proc.wait()
     for pid in engine_processes(running):
         os.kill(pid, signal.SIGKILL)
+    running.notify.shutdown(socket.SHUT_RDWR)
     running.notify.close()
     shutil.rmtree(running.socket.parent, ignore_errors=True)
 
@@ -123,8 +134,15 @@ def engine_processes(running: Running) -> list[int]:
 
 @pytest.fixture(scope="module")
 def daemon(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    env = {"PREWARM_SOCKET_MODE": "0666", "PREWARM_MONITOR_INTERVAL_S": "1"}
-    running = start_daemon(tiny_model, tmp_path_factory.mktemp("daemon"), env_extra=env)
+    workdir = tmp_path_factory.mktemp("daemon")
+    source = Path(shutil.copytree(tiny_model, workdir / "model"))  # watched: a test changes it
+    env = {
+        "PREWARM_SOCKET_MODE": "0666",
+        "PREWARM_MONITOR_INTERVAL_S": "1",
+        "PREWARM_ALLOWED_USERS": "daemon",
+        "WATCHDOG_USEC": "20000000",
+    }
+    running = start_daemon(source, workdir, env_extra=env)
     early: dict[str, Any] = {}
 
     def ask_before_ready() -> None:
@@ -231,7 +249,9 @@ def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_a_forbidden_peer_is_refused_on_both_sockets(daemon: Running) -> None:
     """The socket is 0666 here, so only the daemon's own check (SO_PEERCRED) stands in the way."""
-    proc = as_nobody("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket", str(daemon.socket), "http://x/v1/models")
+    proc = as_nobody(
+        "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket", str(daemon.socket), "http://x/v1/models"
+    )
     assert proc.stdout == "403", (proc.stdout, proc.stderr)
     code = (
         "import sys; from prewarm.client import handoff\n"
@@ -241,6 +261,24 @@ def test_a_forbidden_peer_is_refused_on_both_sockets(daemon: Running) -> None:
     assert "forbidden" in proc.stdout, (proc.stdout, proc.stderr)
     assert "refused a client on the public socket: uid 65534" in daemon.log.read_text()
     assert daemon.status()["refused_clients"] >= 1
+
+
+def as_user(uid: int, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_an_allowed_user_may_ask_but_only_root_and_the_daemons_user_may_reload(daemon: Running) -> None:
+    """allowed_users = ["daemon"] (uid 1): the model is theirs to use, the control endpoint is not."""
+    curl = ("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket", str(daemon.socket))
+    assert as_user(1, *curl, "http://x/v1/models").stdout == "200"
+    assert as_user(1, *curl, "-X", "POST", "http://x/prewarm/reload").stdout == "403"
+    assert "refused a reload from uid 1" in daemon.log.read_text()
+    assert daemon.status()["state"] == "ready", "a refused reload changes nothing"
+
+
+def test_the_systemd_watchdog_is_fed(daemon: Running) -> None:
+    assert any("WATCHDOG=1" in m for m in daemon.messages), daemon.messages
 
 
 def test_engine_killed_is_restarted(daemon: Running) -> None:
@@ -266,7 +304,10 @@ def test_evicted_weights_are_warmed_again_and_changed_files_make_it_degraded(dae
     serving = Path(daemon.status()["model"]["serving_dir"])
     evicted = subprocess.run(
         [sys.executable, "-m", "prewarm", "evict", str(serving), "--json"],
-        capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert json.loads(evicted.stdout)["after"]["resident_bytes"] < json.loads(evicted.stdout)["before"]["resident_bytes"]
     deadline = time.monotonic() + 30
@@ -301,8 +342,10 @@ def test_reload_with_requests_in_flight_fails_none(daemon: Running) -> None:
     senders = [threading.Thread(target=send) for _ in range(1)]
     for t in senders:
         t.start()
-    daemon.proc.send_signal(signal.SIGHUP)
     try:
+        with client(daemon.socket) as c:  # the control endpoint, as root
+            accepted = c.post("/prewarm/reload")
+        assert accepted.status_code == 202 and accepted.json()["reloading"] is True, accepted.text
         daemon.read_notify("RELOADING=1", 30)
         deadline = time.monotonic() + START_TIMEOUT
         while daemon.status()["engine"]["id"] == before or daemon.status()["state"] != "ready":
@@ -315,6 +358,33 @@ def test_reload_with_requests_in_flight_fails_none(daemon: Running) -> None:
         for t in senders:
             t.join(60)
     assert answered_during_reload > 3 and set(results) == {200}, results
+
+
+def test_a_changed_model_source_is_served_after_a_reload(daemon: Running) -> None:
+    """The source directory is watched: replacing a file in it (as a training job would) reloads."""
+    from prewarm.manifest import read_manifest
+
+    before = daemon.status()
+    source = Path(before["model"]["source"])
+    old_digests = {d.xxh3_128 for d in read_manifest(Path(before["model"]["serving_dir"])).files.values()}
+    shard = sorted(source.glob("*.safetensors"))[-1]
+    data = bytearray(shard.read_bytes())
+    header_size = int.from_bytes(data[:8], "little")
+    data[8 + header_size] ^= 0x01  # new weights: one bit of the first tensor
+    replacement = shard.with_name(".incoming")  # dotfiles are ignored until the rename
+    replacement.write_bytes(bytes(data))
+    replacement.rename(shard)
+    deadline = time.monotonic() + START_TIMEOUT
+    while (status := daemon.status())["engine"]["id"] == before["engine"]["id"] or status["state"] != "ready":
+        assert time.monotonic() < deadline and daemon.proc.poll() is None, status
+        time.sleep(1)
+    assert f"reload requested (the model source {source} changed)" in daemon.log.read_text()
+    serving = Path(status["model"]["serving_dir"])
+    assert serving != Path(before["model"]["serving_dir"]), "the changed source was resharded anew"
+    digests = {d.xxh3_128 for d in read_manifest(serving).files.values()}
+    assert not digests <= old_digests, "the new serving directory holds the new weights"
+    with client(daemon.socket) as c:
+        assert c.post("/v1/completions", json={"model": "model", "prompt": "x", "max_tokens": 2}).status_code == 200
 
 
 def test_sigterm_finishes_the_request_in_flight_and_leaves_no_process(daemon: Running) -> None:
@@ -349,7 +419,10 @@ def test_a_bad_config_is_refused_at_start(tmp_path: Path) -> None:
         config.write_text(text)
         proc = subprocess.run(
             [sys.executable, "-m", "prewarm", "daemon", "--config", str(config)],
-            capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
@@ -361,7 +434,8 @@ def test_damaged_weights_are_never_loaded(tiny_model: Path, tmp_path: Path) -> N
     served = tmp_path / "served"
     subprocess.run(
         [sys.executable, "-m", "prewarm", "-q", "reshard", str(tiny_model), str(served)],
-        check=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     shard = sorted(served.glob("*.safetensors"))[0]
     data = bytearray(shard.read_bytes())
@@ -387,8 +461,31 @@ def test_an_engine_that_cannot_start_is_a_clear_failure_not_a_crash_loop(tiny_mo
     model = Path(shutil.copytree(tiny_model, tmp_path / "odd"))
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchModelForCausalLM"]}))
-    running = start_daemon(model, tmp_path)
+    env = {"PREWARM_QUEUE_MAX": "1", "PREWARM_QUEUE_TIMEOUT_S": "1.5"}
+    running = start_daemon(model, tmp_path, env_extra=env)
     try:
+        answers: list[httpx.Response] = []
+        body = {"model": "odd", "prompt": "x", "max_tokens": 2}
+
+        def ask() -> None:
+            with client(running.socket) as c:
+                answers.append(c.post("/v1/completions", json=body))
+
+        waiter = threading.Thread(target=ask)  # vLLM needs seconds just to import: still starting
+        waiter.start()
+        while running.status()["queue"]["waiting"] == 0:
+            assert waiter.is_alive()
+            time.sleep(0.02)
+        ask()  # the queue holds one: the second is turned away at once
+        waiter.join(30)
+        full, timed_out = answers
+        for answer in answers:
+            assert answer.status_code == 503 and answer.headers["Retry-After"].isdigit(), answer.text
+            assert answer.json()["error"]["state"] in ("resharding", "verifying", "warming", "starting")
+        assert "already waiting" in full.json()["error"]["message"], full.text
+        assert "no engine became ready in time" in timed_out.json()["error"]["message"], timed_out.text
+        queue = running.status()["queue"]
+        assert queue["rejected"] >= 1 and queue["timed_out"] == 1 and queue["waiting"] == 0, queue
         status = wait_for_state(running, "failed", START_TIMEOUT)
         failure = status["failure"]
         assert "exited with status" in failure["reason"] and failure["last_lines"], failure
@@ -396,6 +493,10 @@ def test_an_engine_that_cannot_start_is_a_clear_failure_not_a_crash_loop(tiny_mo
         time.sleep(3)
         assert running.status()["engine"]["restarts"] == 0 and engine_processes(running) == [], "no crash loop"
         assert "NoSuchModelForCausalLM" in running.log.read_text()
+        running.proc.send_signal(signal.SIGHUP)  # a reload retries (and fails the same way)
+        running.read_notify("RELOADING=1", 30)
+        wait_for_state(running, "failed", START_TIMEOUT)
+        assert "reload requested (SIGHUP)" in running.log.read_text()
     finally:
         stop(running)
 
