@@ -26,13 +26,16 @@ from prewarm.config import DaemonSettings, runtime_root
 from prewarm.engine import Engine, EngineFailed, EngineSpec, has_gpu
 from prewarm.gateway import Gateway, Unavailable
 from prewarm.handoff import HandoffServer
-from prewarm.notify import Notifier, listen_sockets
+from prewarm.notify import ActivationError, Notifier, listen_sockets
 from prewarm.peer import AccessPolicy
 from prewarm.prepare import Prepared, prepare
+from prewarm.progress import PlainProgress, TrackedProgress
 from prewarm.unixsock import bind_unix, private_runtime_dir, remove_unix
 from prewarm.warm import PageLock, residency, warm
 
 log = logging.getLogger(__name__)
+EXTEND_S = 300.0  # while start-up makes progress, systemd's start timeout is kept this far ahead
+PREPARING = ("fetching", "resharding", "verifying", "warming")
 STATES = ("fetching", "resharding", "verifying", "warming", "starting", "ready", "reloading", "degraded", "failed", "stopping")
 
 
@@ -60,6 +63,9 @@ class Daemon:
         self.handoff: HandoffServer | None = None
         self.runtime_dir: Path | None = None
         self.page_lock: PageLock | None = None
+        self.progress = TrackedProgress(PlainProgress())  # the stages' bytes: in status and the log
+        self.ever_ready = False
+        self.stored_sockets = False  # in systemd's descriptor store: their files must outlive us
 
     # -- state -------------------------------------------------------------------------------
     def set_state(self, state: str, detail: str = "") -> None:
@@ -123,6 +129,7 @@ class Daemon:
                 "served_name": prepared.served_name if prepared else None,
             },
             "phases": self.phases,
+            "progress": self.progress.snapshot() if self.state in PREPARING else None,
             "verification": prepared.verification if prepared else None,
             "residency": prepared.residency if prepared else None,
             "engine": None
@@ -148,7 +155,7 @@ class Daemon:
         self.handoff = HandoffServer(handoff, self.policy, self._handoff_target, log)
         await self.handoff.start()
         log.info("listening on %s (handoff %s)", self.settings.socket, self.settings.handoff_path)
-        background = [asyncio.create_task(self._watchdog()), asyncio.create_task(self._monitor())]
+        background = [asyncio.create_task(t) for t in (self._watchdog(), self._monitor(), self._extend_while_starting())]
         watcher = self._watch_source()
         try:
             await self._supervise()
@@ -161,15 +168,25 @@ class Daemon:
         return 0
 
     def _listeners(self) -> tuple[Any, Any]:
-        """Sockets from systemd (socket activation) when it passed them, else bound here now."""
+        """The sockets systemd passed (a .socket unit, or its descriptor store after a restart),
+        matched to the settings by the address they are bound to; the others bound here now and
+        handed to systemd's descriptor store, so that the next start gets them back."""
         passed = listen_sockets(self.systemd)
-        handoff = next((s for name, s in passed if name == "handoff"), None)
-        public = next((s for name, s in passed if name != "handoff"), None)
+        public = _take(passed, self.settings.socket, "public")
+        handoff = _take(passed, self.settings.handoff_path, "handoff")
+        if passed:
+            name, sock = passed[0]
+            raise ActivationError(
+                f"systemd passed a socket ({name}, bound to {sock.getsockname()!r}) that is neither the socket "
+                f"{self.settings.socket} nor the handoff socket {self.settings.handoff_path}",
+                hint="make ListenStream= in qwen-prewarm.socket and socket/handoff_socket in the config name the same paths",
+            )
         gid = grp.getgrnam(self.settings.socket_group).gr_gid if self.settings.socket_group else None
-        if public is None:
-            public = bind_unix(self.settings.socket, self.settings.socket_mode, gid)
-        if handoff is None:
-            handoff = bind_unix(self.settings.handoff_path, self.settings.socket_mode, gid)
+        for name, sock, path in (("public", public, self.settings.socket), ("handoff", handoff, self.settings.handoff_path)):
+            if sock is None:
+                sock = bind_unix(path, self.settings.socket_mode, gid)
+                self.stored_sockets |= self.notifier.store_fd(name, sock.fileno())
+                public, handoff = (sock, handoff) if name == "public" else (public, sock)
         return public, handoff
 
     def _handoff_target(self) -> tuple[Path, dict[str, object]] | None:
@@ -184,11 +201,24 @@ class Daemon:
             self.notifier.watchdog()
             await asyncio.sleep(interval)
 
+    async def _extend_while_starting(self) -> None:
+        """Until the first READY=1: keep systemd's start timeout (TimeoutStartSec=) ahead of a
+        start-up that makes progress (bytes fetched, hashed or warmed, engine log lines), however
+        long a first download takes; a start that stalls still times out."""
+        last: tuple[Any, ...] | None = None
+        while self.notifier.enabled and not self.ever_ready:
+            engine = self.engine
+            mark = (self.state, len(self.phases), self.progress.snapshot()["done_bytes"], engine.line_count if engine else 0)
+            if mark != last:
+                self.notifier.extend_timeout(EXTEND_S)
+                last = mark
+            await asyncio.sleep(EXTEND_S / 10)
+
     async def _prepare(self) -> Prepared:
         self.phases = []
         started = time.monotonic()
         loop = asyncio.get_running_loop()
-        prepared = await loop.run_in_executor(None, prepare, self.settings, self._on_phase)
+        prepared = await loop.run_in_executor(None, prepare, self.settings, self._on_phase, self.progress)
         if self.settings.lock:  # mlock(2): the weights stay resident whatever else needs memory
             held = await loop.run_in_executor(None, PageLock, prepared.serving_dir)
             old, self.page_lock = self.page_lock, held
@@ -345,6 +375,7 @@ class Daemon:
         self.ready.set()
         self.set_state("ready", f"{engine.spec.served_name} on {self.settings.socket}")
         self.notifier.ready(f"ready: {engine.spec.served_name}")
+        self.ever_ready = True
         died = asyncio.create_task(engine.wait())
         while True:
             if self.stop_requested:  # asked for while the engine was starting, or just now
@@ -375,11 +406,18 @@ class Daemon:
         self.deaths.append(now)
         while self.deaths and now - self.deaths[0] > self.settings.restart_window_s:
             self.deaths.popleft()
-        log.error("engine %d (pid %s) died with status %d; last lines:\n  %s", engine.id, engine.pid, status,
-                  "\n  ".join(list(engine.lines)[-10:]))
+        log.error(
+            "engine %d (pid %s) died with status %d; last lines:\n  %s",
+            engine.id,
+            engine.pid,
+            status,
+            "\n  ".join(list(engine.lines)[-10:]),
+        )
         if len(self.deaths) > self.settings.max_restarts:
-            await self._fail(f"the engine died {len(self.deaths)} times in {self.settings.restart_window_s:.0f} s "
-                             f"(last status {status})", list(engine.lines))
+            await self._fail(
+                f"the engine died {len(self.deaths)} times in {self.settings.restart_window_s:.0f} s (last status {status})",
+                list(engine.lines),
+            )
             return
         self.restarts += 1
         backoff = min(60.0, self.settings.restart_backoff_s * 2 ** (len(self.deaths) - 1))
@@ -458,13 +496,22 @@ class Daemon:
         await self.gateway.stop()  # stops accepting, then lets in-flight requests finish (grace_s)
         if self.engine is not None:
             await self.engine.stop()
-        remove_unix(self.settings.socket, public)
-        remove_unix(self.settings.handoff_path, handoff)
+        if not self.stored_sockets:  # else systemd keeps them listening for the next start
+            remove_unix(self.settings.socket, public)
+            remove_unix(self.settings.handoff_path, handoff)
         if self.runtime_dir is not None:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
         if self.page_lock is not None:
             self.page_lock.release()
         log.info("stopped")
+
+
+def _take(passed: list[tuple[str, Any]], path: Path, name: str) -> Any:
+    """The passed socket bound to ``path`` (or, failing that, named ``name``), removed from ``passed``."""
+    by_address = [i for i, (_, sock) in enumerate(passed) if sock.getsockname() == str(path)]
+    by_name = [i for i, (fd_name, _) in enumerate(passed) if fd_name == name]
+    found = by_address or by_name
+    return passed.pop(found[0])[1] if found else None
 
 
 def _changed_files(prepared: Prepared) -> list[str]:

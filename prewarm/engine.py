@@ -123,6 +123,7 @@ class Engine:
         self.spec = spec
         self.env = env
         self.lines: collections.deque[str] = collections.deque(maxlen=LAST_LINES)
+        self.line_count = 0  # all lines so far: a start that still logs is a start that progresses
         self.process: asyncio.subprocess.Process | None = None
         self.started_at = 0.0
         self.ready_at: float | None = None
@@ -158,6 +159,7 @@ class Engine:
             line = raw.decode("utf-8", "replace").rstrip()
             if line:
                 self.lines.append(line)
+                self.line_count += 1
                 log.info("engine %d: %s", self.id, line)
 
     def session(self) -> aiohttp.ClientSession:
@@ -212,6 +214,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         exited: asyncio.Future[None] = loop.create_future()
         pidfd = os.pidfd_open(self.process.pid)
+
         def on_exit() -> None:
             if not exited.done():
                 exited.set_result(None)

@@ -7,6 +7,7 @@ Both take the environment as a mapping (``config.systemd_environment()``), never
 
 from __future__ import annotations
 
+import array
 import logging
 import os
 import socket
@@ -33,6 +34,8 @@ class Notifier:
         self._address = _notify_address(env.get("NOTIFY_SOCKET", ""))
         self._watchdog_usec = env.get("WATCHDOG_USEC", "")
         self._watchdog_pid = env.get("WATCHDOG_PID", "")
+        # systemd 254+ says how many descriptors the store holds ($FDSTORE); older ones say nothing.
+        self._fdstore = env.get("FDSTORE", "1") not in ("", "0")
 
     @property
     def enabled(self) -> bool:
@@ -57,6 +60,23 @@ class Notifier:
 
     def ready(self, status: str | None = None) -> bool:
         return self.send(READY=1, **({"STATUS": status} if status else {}))
+
+    def store_fd(self, name: str, fd: int) -> bool:
+        """Hand ``fd`` to systemd's file descriptor store (``FileDescriptorStoreMax=``): systemd
+        keeps it open across restarts of the service and passes it back as ``$LISTEN_FDS`` named
+        ``name`` (sd_pid_notify_with_fds(3)). A listening socket kept there goes on accepting
+        connections into its backlog while the daemon restarts."""
+        if self._address is None or not self._fdstore:
+            return False
+        payload = f"FDSTORE=1\nFDNAME={name}\n".encode()
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.setblocking(False)
+                sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))], 0, self._address)
+        except OSError as exc:
+            log.warning("could not hand %s to systemd's descriptor store: %s", name, exc)
+            return False
+        return True
 
     def status(self, text: str) -> bool:
         return self.send(STATUS=text)

@@ -24,6 +24,7 @@ from prewarm.config import DaemonSettings
 from prewarm.errors import ManifestError, PrewarmError
 from prewarm.fetch import REPO_ID, fetch
 from prewarm.manifest import read_manifest
+from prewarm.progress import NoProgress, Progress
 from prewarm.reshard import reshard
 from prewarm.units import parse_size
 from prewarm.verify import VerifyReport, record_verification, verify_directory
@@ -52,29 +53,40 @@ def _phase(on_phase: OnPhase, state: str, name: str) -> Iterator[None]:
     on_phase(state, name, time.monotonic() - started)
 
 
-def prepare(settings: DaemonSettings, on_phase: OnPhase) -> Prepared:
+def prepare(settings: DaemonSettings, on_phase: OnPhase, progress: Progress | None = None) -> Prepared:
+    """Fetch, reshard, verify and warm what ``settings.model`` names; ``progress`` sees each stage's bytes."""
+    progress = progress or NoProgress()
     source = settings.model
     source_info: dict[str, object] | None = None
     if REPO_ID.fullmatch(source) and not os.path.lexists(source):
         with _phase(on_phase, "fetching", "fetch"):
-            fetched = fetch(source, settings.revision)
+            fetched = fetch(source, settings.revision, progress=progress)
         source_dir, source_info, name = fetched.directory, fetched.source_info(), source
         serving = settings.cache_dir / "serving" / source.replace("/", "--") / fetched.commit
     else:
         source_dir, name = Path(source), Path(source).resolve().name
         serving = source_dir if _is_serving_dir(source_dir) else _cache_place(settings, source_dir)
     owned = serving != source_dir
-    report = _build_and_verify(settings, source_dir, serving, owned, source_info, on_phase)
+    report = _build_and_verify(settings, source_dir, serving, owned, source_info, on_phase, progress)
     with _phase(on_phase, "warming", "warm"):
-        warmed = warm(serving)
+        warmed = warm(serving, progress=progress)
     return Prepared(
         serving,
         settings.served_model_name or name,
         source_dir,
-        {"ok": report.ok, "problems": len(report.problems), "files": report.files, "bytes": report.bytes_checked,
-         "seconds": round(report.seconds, 3), "at": time.time()},
-        {"total_bytes": warmed.after.total_bytes, "resident_bytes": warmed.after.resident_bytes,
-         "unknown_bytes": warmed.after.unknown_bytes},
+        {
+            "ok": report.ok,
+            "problems": len(report.problems),
+            "files": report.files,
+            "bytes": report.bytes_checked,
+            "seconds": round(report.seconds, 3),
+            "at": time.time(),
+        },
+        {
+            "total_bytes": warmed.after.total_bytes,
+            "resident_bytes": warmed.after.resident_bytes,
+            "unknown_bytes": warmed.after.unknown_bytes,
+        },
         file_identities(serving),
         owned,
     )
@@ -116,15 +128,21 @@ def file_identities(directory: Path) -> dict[str, tuple[int, int, int]]:
 
 
 def _build_and_verify(
-    settings: DaemonSettings, source_dir: Path, serving: Path, owned: bool, info: dict[str, object] | None, on_phase: OnPhase
+    settings: DaemonSettings,
+    source_dir: Path,
+    serving: Path,
+    owned: bool,
+    info: dict[str, object] | None,
+    on_phase: OnPhase,
+    progress: Progress,
 ) -> VerifyReport:
     for attempt in (1, 2):
         if owned and not serving.exists():
             serving.parent.mkdir(parents=True, exist_ok=True)
             with _phase(on_phase, "resharding", "reshard"):
-                reshard(source_dir, serving, parse_size(settings.max_shard_size), source_info=info)
+                reshard(source_dir, serving, parse_size(settings.max_shard_size), progress, source_info=info)
         with _phase(on_phase, "verifying", "verify"):
-            report = verify_directory(serving)
+            report = verify_directory(serving, progress=progress)
         with contextlib.suppress(PrewarmError):
             record_verification(report)
         if report.ok:

@@ -97,3 +97,30 @@ class BarProgress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class TrackedProgress:
+    """Progress that can be read from elsewhere (the daemon's status, its start-timeout extension),
+    passing each call on to ``inner`` (the daemon's log lines)."""
+
+    def __init__(self, inner: Progress | None = None) -> None:
+        self.inner = inner or NoProgress()
+        self.lock = threading.Lock()
+        self.label, self.total, self.done = "", 0, 0
+
+    def start(self, label: str, total: int) -> None:
+        with self.lock:
+            self.label, self.total, self.done = label, total, 0
+        self.inner.start(label, total)
+
+    def advance(self, n: int) -> None:
+        with self.lock:
+            self.done += n
+        self.inner.advance(n)
+
+    def finish(self) -> None:
+        self.inner.finish()
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            return {"label": self.label, "done_bytes": self.done, "total_bytes": self.total}
