@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from prewarm.handoff import HandoffServer
 from prewarm.notify import ActivationError, Notifier, listen_sockets
 from prewarm.peer import AccessPolicy
 from prewarm.prepare import Prepared, prepare
-from prewarm.progress import PlainProgress, TrackedProgress
+from prewarm.progress import CancellableProgress, Cancelled, PlainProgress, TrackedProgress
 from prewarm.unixsock import bind_unix, private_runtime_dir, remove_unix
 from prewarm.warm import PageLock, residency, warm
 
@@ -64,6 +65,7 @@ class Daemon:
         self.runtime_dir: Path | None = None
         self.page_lock: PageLock | None = None
         self.progress = TrackedProgress(PlainProgress())  # the stages' bytes: in status and the log
+        self.stopping_stages = threading.Event()  # a stop calls off a stage running in the executor
         self.ever_ready = False
         self.stored_sockets = False  # in systemd's descriptor store: their files must outlive us
 
@@ -114,6 +116,7 @@ class Daemon:
     def request_stop(self, why: str) -> None:
         log.info("stop requested (%s)", why)
         self.stop_requested = True
+        self.stopping_stages.set()
         self.wake.set()
 
     def status(self) -> dict[str, Any]:
@@ -218,7 +221,8 @@ class Daemon:
         self.phases = []
         started = time.monotonic()
         loop = asyncio.get_running_loop()
-        prepared = await loop.run_in_executor(None, prepare, self.settings, self._on_phase, self.progress)
+        progress = CancellableProgress(self.progress, self.stopping_stages)  # a 15 GB fetch stops at its next block
+        prepared = await loop.run_in_executor(None, prepare, self.settings, self._on_phase, progress)
         if self.settings.lock:  # mlock(2): the weights stay resident whatever else needs memory
             held = await loop.run_in_executor(None, PageLock, prepared.serving_dir)
             old, self.page_lock = self.page_lock, held
@@ -304,6 +308,8 @@ class Daemon:
             if self.prepared is None or self.state in ("reloading", "degraded") or _changed_files(self.prepared):
                 try:
                     self.prepared = await self._prepare()
+                except Cancelled:  # by a stop: the stage ended at its next block, partial files kept
+                    break
                 except Exception as exc:
                     await self._fail(f"preparing the weights failed: {exc}", [])
                     continue
@@ -358,13 +364,16 @@ class Daemon:
         while not task.done():
             if self.stop_requested:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                return False
+                break
             await self._wait_for(task)
             if self.reload_reason is not None and not task.done():  # a reload during a start: handled once ready
                 await asyncio.wait([task], timeout=0.5)
-        task.result()
+        try:
+            await task
+        except (asyncio.CancelledError, Cancelled):  # Cancelled: a stage in the executor, called off
+            if self.stop_requested:
+                return False
+            raise
         return True
 
     async def _serve(self, engine: Engine, keep_failure: bool = False) -> None:

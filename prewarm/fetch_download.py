@@ -45,7 +45,7 @@ def download_missing(
     remaining = sum(f.size - min(partial_size(place, f.name), f.size) for f in todo)
     check_free_space(place.directory, remaining)
     progress.start("downloading", remaining)
-    stats |= _download_all(place, todo, lambda p, f, cancel: _download_one(repo_id, commit, p, f, progress, cancel))
+    stats |= _download_all(place, todo, lambda p, f, cancel: _download_one(repo_id, commit, p, f, progress, cancel), progress)
     progress.finish()
     with contextlib.suppress(OSError):  # left in place while it holds a partial download
         os.rmdir(PARTIAL_DIR, dir_fd=place.fd)
@@ -53,11 +53,15 @@ def download_missing(
 
 
 def _download_all(
-    place: Place, todo: Sequence[RemoteFile], download: Callable[[Place, RemoteFile, threading.Event], os.stat_result]
+    place: Place,
+    todo: Sequence[RemoteFile],
+    download: Callable[[Place, RemoteFile, threading.Event], os.stat_result],
+    progress: Progress,
 ) -> dict[str, os.stat_result]:
     """Run the downloads on DOWNLOAD_THREADS daemon threads and wait for all; the first error is
-    raised once the others are done. On Ctrl-C or SIGTERM (raised here, in the main thread) the
-    threads are told to stop and not waited for: one may sit in a socket read for as long as the
+    raised once the others are done. On Ctrl-C or SIGTERM (raised here, in the main thread), or a
+    cancel raised by ``progress`` (how the daemon calls off a stage), the threads are told to stop
+    and not waited for: one may sit in a socket read for as long as the
     server takes, and a daemon thread does not keep the process from exiting."""
     pending: queue.SimpleQueue[RemoteFile] = queue.SimpleQueue()
     for remote in todo:
@@ -71,7 +75,14 @@ def _download_all(
     errors: list[BaseException] = []
     try:
         for _ in todo:
-            name, outcome = done.get()
+            while True:
+                try:
+                    name, outcome = done.get(timeout=0.2)
+                    break
+                except queue.Empty:
+                    # A stage run off the main thread (the daemon's) is called off through its
+                    # progress, which raises once cancelled: a worker may sit in one read for long.
+                    progress.advance(0)
             if isinstance(outcome, BaseException):
                 errors.append(outcome)
             else:

@@ -36,7 +36,7 @@ from prewarm.confine import (
 )
 from prewarm.errors import FilesystemError, ManifestError
 from prewarm.fsutil import os_error, write_file_atomic
-from prewarm.progress import NoProgress, Progress
+from prewarm.progress import CancellableProgress, NoProgress, Progress
 from prewarm.units import MAX_SIZE
 
 FORMAT = "prewarm-manifest"
@@ -272,28 +272,6 @@ def open_file(root: Root, name: str) -> int:
         raise os_error(exc, path) from exc
 
 
-class Cancelled(BaseException):
-    """Raised in a worker thread once the main thread was interrupted: stop at the next buffer."""
-
-
-class _CancellableProgress:
-    """Forwards progress, and raises Cancelled in the worker that reports after a cancel."""
-
-    def __init__(self, progress: Progress, cancel: threading.Event) -> None:
-        self.progress, self.cancel = progress, cancel
-
-    def start(self, label: str, total: int) -> None:
-        self.progress.start(label, total)
-
-    def advance(self, n: int) -> None:
-        if self.cancel.is_set():
-            raise Cancelled()
-        self.progress.advance(n)
-
-    def finish(self) -> None:
-        self.progress.finish()
-
-
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -305,7 +283,7 @@ def parallel_map(
     SIGTERM every worker stops at its next buffer (16 MiB), so the command ends within moments
     instead of finishing every file it had started."""
     cancel = threading.Event()
-    guarded = _CancellableProgress(progress, cancel)
+    guarded = CancellableProgress(progress, cancel)
     pool = ThreadPoolExecutor(threads or default_threads(), thread_name_prefix=name)
     try:
         return list(pool.map(lambda item: work(item, guarded), items))

@@ -34,8 +34,11 @@ class Notifier:
         self._address = _notify_address(env.get("NOTIFY_SOCKET", ""))
         self._watchdog_usec = env.get("WATCHDOG_USEC", "")
         self._watchdog_pid = env.get("WATCHDOG_PID", "")
-        # systemd 254+ says how many descriptors the store holds ($FDSTORE); older ones say nothing.
-        self._fdstore = env.get("FDSTORE", "1") not in ("", "0")
+        # How many descriptors systemd's store keeps for us: systemd 254+ sets $FDSTORE from
+        # FileDescriptorStoreMax=; for older ones our unit sets it. Unset: no store, so the daemon
+        # removes its socket files at exit instead of leaving them to a store that is not there.
+        fdstore = env.get("FDSTORE", "")
+        self._fdstore = fdstore.isdigit() and int(fdstore) > 0
 
     @property
     def enabled(self) -> bool:

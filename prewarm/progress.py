@@ -124,3 +124,26 @@ class TrackedProgress:
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
             return {"label": self.label, "done_bytes": self.done, "total_bytes": self.total}
+
+
+class Cancelled(BaseException):
+    """Raised in a worker thread once the work was called off: it stops at its next buffer."""
+
+
+class CancellableProgress:
+    """Forwards progress, and raises Cancelled in the worker that reports after ``cancel`` is set:
+    how Ctrl-C stops a stage's readers, and how a stopping daemon stops a stage in its executor."""
+
+    def __init__(self, progress: Progress, cancel: threading.Event) -> None:
+        self.progress, self.cancel = progress, cancel
+
+    def start(self, label: str, total: int) -> None:
+        self.progress.start(label, total)
+
+    def advance(self, n: int) -> None:
+        if self.cancel.is_set():
+            raise Cancelled()
+        self.progress.advance(n)
+
+    def finish(self) -> None:
+        self.progress.finish()

@@ -173,6 +173,7 @@ def test_without_a_socket_unit_the_fd_store_keeps_clients_waiting_across_restart
     cfg = write_config(tmp_path / "prewarm.toml", damaged_copy(tiny_model, tmp_path), sock, tmp_path / "cache")
     notify = notify_socket(short)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NOTIFY_SOCKET": str(short / "notify"), "RUNTIME_DIRECTORY": str(short)}
+    env["FDSTORE"] = "4"  # FileDescriptorStoreMax=4 (set by systemd 254+, by our unit for older ones)
     log = tmp_path / "daemon.log"
     stored: dict[str, int] = {}
     procs: list[subprocess.Popen[str]] = []
