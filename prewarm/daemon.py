@@ -31,11 +31,13 @@ from prewarm.notify import ActivationError, Notifier, listen_sockets
 from prewarm.peer import AccessPolicy
 from prewarm.prepare import Prepared, prepare
 from prewarm.progress import CancellableProgress, Cancelled, PlainProgress, TrackedProgress
+from prewarm.units import format_size
 from prewarm.unixsock import bind_unix, private_runtime_dir, remove_unix
 from prewarm.warm import PageLock, residency, warm
 
 log = logging.getLogger(__name__)
 EXTEND_S = 300.0  # while start-up makes progress, systemd's start timeout is kept this far ahead
+PROGRESS_INTERVAL_S = 5.0
 PREPARING = ("fetching", "resharding", "verifying", "warming")
 STATES = ("fetching", "resharding", "verifying", "warming", "starting", "ready", "reloading", "degraded", "failed", "stopping")
 
@@ -158,7 +160,7 @@ class Daemon:
         self.handoff = HandoffServer(handoff, self.policy, self._handoff_target, log)
         await self.handoff.start()
         log.info("listening on %s (handoff %s)", self.settings.socket, self.settings.handoff_path)
-        background = [asyncio.create_task(t) for t in (self._watchdog(), self._monitor(), self._extend_while_starting())]
+        background = [asyncio.create_task(t) for t in (self._watchdog(), self._monitor(), self._report_start_up())]
         watcher = self._watch_source()
         try:
             await self._supervise()
@@ -204,18 +206,23 @@ class Daemon:
             self.notifier.watchdog()
             await asyncio.sleep(interval)
 
-    async def _extend_while_starting(self) -> None:
-        """Until the first READY=1: keep systemd's start timeout (TimeoutStartSec=) ahead of a
-        start-up that makes progress (bytes fetched, hashed or warmed, engine log lines), however
-        long a first download takes; a start that stalls still times out."""
+    async def _report_start_up(self) -> None:
+        """Until the first READY=1: the running stage's progress in systemd's status line, and
+        systemd's start timeout (TimeoutStartSec=) kept ahead of a start-up that makes progress
+        (bytes fetched, hashed or warmed, engine log lines), however long a first download takes;
+        a start that stalls still times out."""
         last: tuple[Any, ...] | None = None
         while self.notifier.enabled and not self.ever_ready:
             engine = self.engine
-            mark = (self.state, len(self.phases), self.progress.snapshot()["done_bytes"], engine.line_count if engine else 0)
+            done = self.progress.snapshot()
+            mark = (self.state, len(self.phases), done["done_bytes"], engine.line_count if engine else 0)
             if mark != last:
                 self.notifier.extend_timeout(EXTEND_S)
+                if self.state in PREPARING and done["total_bytes"]:
+                    share = done["done_bytes"] / done["total_bytes"]
+                    self.notifier.status(f"{self.state}: {share:.0%} of {format_size(done['total_bytes'])}")
                 last = mark
-            await asyncio.sleep(EXTEND_S / 10)
+            await asyncio.sleep(PROGRESS_INTERVAL_S)
 
     async def _prepare(self) -> Prepared:
         self.phases = []

@@ -65,6 +65,8 @@ def test_sigterm_during_a_long_download_stops_at_once_and_keeps_the_partial(
             assert time.monotonic() < deadline, status
             time.sleep(0.1)
         assert status["progress"]["total_bytes"] > status["progress"]["done_bytes"] > 0, status["progress"]
+        running.read_notify("STATUS=fetching: ", 30)  # systemctl status shows how far it got
+        assert any(m.startswith("EXTEND_TIMEOUT_USEC=") for m in running.messages)
         asked = time.monotonic()
         running.proc.send_signal(signal.SIGTERM)
         assert running.proc.wait(30) == 0
