@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -17,7 +20,7 @@ import click
 
 from prewarm import __version__
 from prewarm.checkpoint import MANIFEST_NAME
-from prewarm.config import debug_enabled
+from prewarm.config import debug_enabled, default_socket
 from prewarm.errors import ExitCode, PrewarmError, UsageError
 from prewarm.fsutil import os_error
 from prewarm.progress import BarProgress, NoProgress, PlainProgress, Progress
@@ -456,14 +459,43 @@ def warm(obj: Context, directory: Path, lock: bool, budget: str | None, threads:
             click.echo("Released.", err=True)
 
 
+class _SocketPath(_PathArg):
+    """A socket's path, not checked for reading: whether this user may connect is for the client to say."""
+
+    def __init__(self) -> None:
+        click.Path.__init__(self, path_type=Path, readable=False)
+
+
+_socket_option = click.option(
+    "--socket",
+    "socket_path",
+    type=_SocketPath(),
+    default=None,
+    help="The daemon's public socket (default: $PREWARM_SOCKET, else /run/qwen-prewarm/api.sock).",
+)
+
+
 @main.command()
-@click.argument("directory", type=PATH)
+@click.argument("directory", type=PATH, required=False)
+@_socket_option
 @_json_flag
-def status(directory: Path, as_json: bool) -> None:
-    """Show how much of DIRECTORY is in the page cache (mincore), and when it was last verified."""
+def status(directory: Path | None, socket_path: Path | None, as_json: bool) -> None:
+    """Show the daemon's state (no DIRECTORY, or --socket), or how much of DIRECTORY is in the page cache.
+
+    The daemon's: its state, model, each phase with its seconds, engine, queue and residency
+    (--json: the status JSON as the daemon sends it); exit 1 when its state is failed. A
+    DIRECTORY's: per file, how much is resident (mincore), and when it was last verified.
+    """
     from prewarm.verify import last_verification
     from prewarm.warm import residency
 
+    if directory is None or socket_path is not None:
+        if directory is not None:
+            raise UsageError(
+                "give a DIRECTORY or --socket, not both", hint="`prewarm status DIR` or `prewarm status --socket PATH`"
+            )
+        _daemon_status(socket_path or default_socket(), as_json)
+        return
     res = residency(directory)  # first: reading the manifest below must not change what is measured
     record = last_verification(directory)
     has_manifest = any(f.name == MANIFEST_NAME for f in res.files)
@@ -603,3 +635,367 @@ def daemon(
     settings = load_settings(config_file, flags)
     logging.getLogger("prewarm").setLevel(logging.INFO)
     sys.exit(run_daemon(settings, engine_environment(), systemd_environment()))
+
+
+_root_option = click.option(
+    "--root",
+    type=PATH,
+    default=None,
+    help="Work on the files under this directory (like systemctl --root): no useradd, groupadd, chown or systemctl.",
+)
+_dry_run_option = click.option("--dry-run", is_flag=True, help="Print what would be done; change nothing.")
+
+
+@main.command("install-service")
+@_root_option
+@click.option("--model", default=None, help="The model of a new config (an existing config is never changed).")
+@_dry_run_option
+@_json_flag
+def install_service(root: Path | None, model: str | None, dry_run: bool, as_json: bool) -> None:
+    """Install the qwen-prewarm systemd service (needs root).
+
+    Creates the system user prewarm and the group prewarm-clients, writes
+    /etc/prewarm/qwen-prewarm.toml when it does not exist, writes qwen-prewarm.service (running
+    this prewarm) and qwen-prewarm.socket into /etc/systemd/system, and reloads systemd. A second
+    run changes nothing.
+    """
+    from prewarm.install import install_service as run
+
+    result = run(root, model, dry_run)
+    _emit(as_json, _service_json(result), lambda: _say_service(result, "installed"))
+
+
+@main.command("uninstall-service")
+@_root_option
+@click.option("--purge", is_flag=True, help="Also remove the config, /var/lib/qwen-prewarm and /var/cache/qwen-prewarm.")
+@_dry_run_option
+@_json_flag
+def uninstall_service(root: Path | None, purge: bool, dry_run: bool, as_json: bool) -> None:
+    """Stop, disable and remove the qwen-prewarm units (needs root).
+
+    Keeps the config, the weights and the user unless --purge; even then only regular files and
+    real directories are removed, never what a symlink leads to.
+    """
+    from prewarm.install import uninstall_service as run
+
+    result = run(root, purge, dry_run)
+    _emit(as_json, _service_json(result), lambda: _say_service(result, "uninstalled"))
+
+
+_PAST = {"create": "created", "write": "wrote", "remove": "removed", "run": "ran", "keep": "kept"}
+
+
+def _service_json(result: Any) -> dict[str, Any]:
+    steps = [{"action": s.action, "target": s.target, "detail": s.detail, "changed": s.changed} for s in result.steps]
+    doc = {"ok": True, "root": str(result.root), "dry_run": result.dry_run, "changed": result.changed, "steps": steps}
+    return doc | {"notes": list(result.notes), "next": list(result.next_steps)}
+
+
+def _say_service(result: Any, done: str) -> None:
+    if result.dry_run:
+        head = "dry run, nothing changed" if result.changed else "nothing to change"
+    else:
+        head = done if result.changed else f"nothing changed: already {done}"
+    click.echo(f"qwen-prewarm under {show(str(result.root))}: {head}")
+    for step in result.steps:
+        verb = (f"would {step.action}" if result.dry_run else _PAST[step.action]) if step.changed else "unchanged"
+        detail = f" ({show(step.detail)})" if step.detail else ""
+        click.echo(f"  {verb:<14} {show(step.target)}{detail}")
+    for note in result.notes:
+        click.echo(f"note: {show(note)}")
+    if result.next_steps:
+        click.echo("next:")
+        for command in result.next_steps:
+            click.echo(f"  {command}")
+
+
+_STATE_WORDS = {
+    "fetching": "downloading the weights from the hub",
+    "resharding": "resharding the weights",
+    "verifying": "verifying the weights",
+    "warming": "reading the weights into the page cache",
+    "starting": "the vLLM engine is starting",
+    "reloading": "preparing a new engine",
+}
+
+
+def _daemon_status(socket: Path, as_json: bool) -> None:
+    from prewarm.ask import daemon_status
+
+    status = daemon_status(socket)
+    _emit(as_json, status, lambda: _say_daemon_status(socket, status))
+    if status["state"] == "failed":
+        sys.exit(int(ExitCode.CHECK_FAILED))
+
+
+def _say_daemon_status(socket: Path, status: dict[str, Any]) -> None:
+    """The status JSON for people; every string from the socket goes through show()."""
+    model = status.get("model") or {}
+    click.echo(f"state:     {show(str(status['state']))} (daemon up {_seconds(status.get('uptime_s'))}) on {show(str(socket))}")
+    name = f', served as "{show(str(model["served_name"]))}"' if model.get("served_name") else ""
+    serving = f" from {show(str(model['serving_dir']))}" if model.get("serving_dir") else ""
+    click.echo(f"model:     {show(str(model.get('source')))}{name}{serving}")
+    phases = status.get("phases") or []
+    click.echo("phases:" if phases else "phases:    none done yet")
+    width = max((len(show(str(p.get("name")))) for p in phases), default=0)
+    for p in phases:
+        click.echo(f"  {show(str(p.get('name'))):<{width}}  {float(p.get('seconds') or 0):9.2f} s")
+    if phases:
+        click.echo(f"  {'total':<{width}}  {sum(float(p.get('seconds') or 0) for p in phases):9.2f} s")
+    stage = status.get("progress") or {}
+    if stage.get("total_bytes"):
+        done, total = int(stage.get("done_bytes") or 0), int(stage["total_bytes"])
+        label = show(str(stage.get("label") or status["state"]))
+        click.echo(f"progress:  {label}: {format_size(done)} of {format_size(total)} ({done / total:.0%})")
+    engine = status.get("engine")
+    if engine and engine.get("pid") is None:
+        click.echo(f"engine:    not running ({_plural(int(engine.get('restarts') or 0), 'restart')})")
+    elif engine:
+        click.echo(
+            f"engine:    pid {engine.get('pid')}, {_plural(int(engine.get('restarts') or 0), 'restart')}, "
+            f"up {_seconds(engine.get('uptime_s'))}, {engine.get('in_flight', 0)} in flight"
+        )
+    else:
+        click.echo("engine:    none")
+    queue = status.get("queue") or {}
+    click.echo(
+        f"queue:     {queue.get('waiting', 0)} waiting, {queue.get('served', 0)} served, "
+        f"{queue.get('timed_out', 0)} timed out, {queue.get('rejected', 0)} rejected"
+    )
+    res = status.get("residency")
+    if res:
+        total, resident = int(res.get("total_bytes") or 0), int(res.get("resident_bytes") or 0)
+        share = f" ({resident / total:.0%})" if total else ""
+        click.echo(f"resident:  {format_size(resident)} of {format_size(total)}{share}")
+    check = status.get("verification")
+    if check:
+        outcome = "OK" if check.get("ok") else _plural(int(check.get("problems") or 0), "problem")
+        click.echo(
+            f"verified:  {outcome}, {_plural(int(check.get('files') or 0), 'file')}, "
+            f"{format_size(int(check.get('bytes') or 0))} in {float(check.get('seconds') or 0):.2f} s"
+        )
+    failure = status.get("failure")
+    if failure:
+        click.echo(f"failure:   {show(str(failure.get('reason')))}")
+        for line in (failure.get("last_lines") or [])[-5:]:
+            click.echo(f"  | {show(str(line)[:300])}")
+
+
+def _seconds(value: Any) -> str:
+    return "?" if value is None else f"{float(value):.1f} s"
+
+
+class _Finite(click.FloatRange):
+    """A float within range that is a number: `nan` passes every range check, `inf` a one-sided one."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number", param, ctx)
+        return number
+
+
+def _sampling_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    options = (
+        _socket_option,
+        click.option("--temperature", type=_Finite(min=0.0), default=None, help="Sampling temperature, 0 for greedy."),
+        click.option("--top-p", type=_Finite(0.0, 1.0, min_open=True), default=None, help="Nucleus sampling: 0 < P <= 1."),
+        click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Most tokens in an answer."),
+        click.option(
+            "--seed",
+            type=click.IntRange(0, 2**63 - 1),
+            default=None,
+            help="Sampling seed: the same seed, prompt and options give the same answer.",
+        ),
+        click.option("--system", default=None, metavar="TEXT", help="A system message to start the conversation with."),
+    )
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+class _WaitDisplay:
+    """What a starting daemon is doing, on stderr: a line per change (one line rewritten on a terminal)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.terminal = sys.stderr.isatty()
+        self.last: tuple[Any, ...] | None = None
+
+    def show(self, waiting: Any) -> None:
+        share = waiting.done_bytes / waiting.total_bytes if waiting.total_bytes else None
+        key = (waiting.state, waiting.phases, waiting.label, None if share is None else int(share * 10))  # a line a tenth
+        if self.quiet or (key == self.last and not self.terminal):
+            return
+        words = _STATE_WORDS.get(waiting.state)
+        line = f"waiting for the daemon ({waiting.waited_s:.0f} s): state {show(waiting.state)}" + (f", {words}" if words else "")
+        if share is not None:
+            line += f" ({show(waiting.label)}: {share:.0%} of {format_size(waiting.total_bytes)})"
+        if waiting.phases:
+            line += "; done: " + ", ".join(f"{show(name)} {seconds:.2f} s" for name, seconds in waiting.phases)
+        if self.terminal:  # one line rewritten in place: cut to the width, or a wrapped line would stay behind
+            click.echo(f"\r\033[K{line[: shutil.get_terminal_size().columns - 1]}", nl=False, err=True)
+        else:
+            click.echo(line, err=True)
+        self.last = key
+
+    def ready(self, waited_s: float) -> None:
+        if self.last is not None and not self.quiet:
+            click.echo(f"{chr(13)}\033[K" if self.terminal else "", nl=False, err=True)
+            click.echo(f"the daemon is ready (waited {waited_s:.1f} s)", err=True)
+
+
+def _wait_for_model(obj: Context, socket: Path) -> str:
+    from prewarm.ask import served_name, wait_until_ready
+
+    display = _WaitDisplay(obj.quiet)
+    started = time.monotonic()
+    status = wait_until_ready(socket, display.show)
+    display.ready(time.monotonic() - started)
+    return served_name(socket, status)
+
+
+def _answer(obj: Context, socket: Path, messages: list[dict[str, str]], options: Any, echo: bool, chat: bool) -> tuple[str, Any]:
+    """Stream one answer (to stdout when ``echo``): its text, and its Timing (None when Ctrl-C
+    stopped it, which in a chat returns to the prompt)."""
+    from prewarm.ask import Timing, stream_chat
+
+    model = _wait_for_model(obj, socket)
+    pieces: list[str] = []
+    timing: Timing | None = None
+    terminal = sys.stdout.isatty()
+    stopped = False
+    try:
+        with contextlib.closing(stream_chat(socket, messages, options, model)) as stream:
+            for item in stream:
+                if isinstance(item, Timing):
+                    timing = item
+                else:
+                    pieces.append(item)
+                    if echo:
+                        click.echo(_for_terminal(item) if terminal else item, nl=False)
+    except KeyboardInterrupt:
+        if not chat:
+            raise
+        stopped = True
+    finally:
+        if echo and (pieces or chat):
+            click.echo()  # the answer's line ends, even when it was stopped; in a chat, every answer is a line
+    if stopped:
+        click.echo("[answer stopped]", err=True)
+    if timing is not None and not obj.quiet:
+        click.echo(_timing_line(timing), err=True)
+    return "".join(pieces), timing
+
+
+def _for_terminal(text: str) -> str:
+    """An answer's control characters (an escape sequence, a carriage return) shown escaped, so a
+    model cannot rewrite the terminal; newlines and tabs stay. Piped output is left exact."""
+    if all(c.isprintable() or c in "\n\t" for c in text):
+        return text
+    return "".join(c if c.isprintable() or c in "\n\t" else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def _timing_line(t: Any) -> str:
+    first = "no text" if t.first_token_s is None else f"first token after {t.first_token_s:.3f} s"
+    tokens = "?" if t.completion_tokens is None else str(t.completion_tokens)
+    line = f"{first}, {tokens} tokens in {t.total_s:.2f} s"
+    if t.tokens_per_s is not None:
+        line += f" ({t.tokens_per_s:.1f} tokens/s after the first)"
+    if t.prompt_tokens is not None:
+        line += f", prompt {t.prompt_tokens} tokens"
+    if t.finish_reason == "length":
+        line += "; cut off at --max-tokens"
+    return line
+
+
+def _conversation(system: str | None) -> list[dict[str, str]]:
+    return [{"role": "system", "content": system}] if system else []
+
+
+@main.command()
+@click.argument("prompt")
+@_sampling_options
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    callback=_remember_json,
+    is_eager=True,
+    help='Ask for a JSON object as the answer (response_format {"type": "json_object"}) and print it on stdout.',
+)
+@click.pass_obj
+def ask(
+    obj: Context,
+    prompt: str,
+    socket_path: Path | None,
+    temperature: float | None,
+    top_p: float | None,
+    max_tokens: int | None,
+    seed: int | None,
+    system: str | None,
+    as_json: bool,
+) -> None:
+    """Ask the daemon PROMPT and print the answer on stdout as it streams.
+
+    Then, on stderr: the time to the first token and the tokens per second. While the daemon is
+    still starting, shows what it is waiting for and asks once an engine serves.
+    """
+    from prewarm.ask import Options, check_json_answer
+
+    if prompt.strip() == "":
+        raise UsageError("an empty PROMPT was given (is a shell variable unset?)", hint='prewarm ask "What is a page cache?"')
+    socket = socket_path or default_socket()
+    messages = [*_conversation(system), {"role": "user", "content": prompt}]
+    options = Options(temperature, top_p, max_tokens, seed, json_object=as_json)
+    text, timing = _answer(obj, socket, messages, options, echo=not as_json, chat=False)
+    if as_json:  # printed whole, once it is known to be complete JSON: a script reads stdout as one document
+        check_json_answer(socket, text, timing)
+        click.echo(text)
+
+
+@main.command()
+@_sampling_options
+@click.pass_obj
+def chat(
+    obj: Context,
+    socket_path: Path | None,
+    temperature: float | None,
+    top_p: float | None,
+    max_tokens: int | None,
+    seed: int | None,
+    system: str | None,
+) -> None:
+    """Talk with the model: each line read is sent with the conversation so far, the answer streamed.
+
+    End of input (Ctrl-D) or /exit ends it; Ctrl-C during an answer stops that answer. Lines may
+    be piped in (`printf 'Hi\\nAnd then?\\n' | prewarm chat`).
+    """
+    from prewarm.ask import Options
+
+    socket = socket_path or default_socket()
+    options = Options(temperature, top_p, max_tokens, seed)
+    messages = _conversation(system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        import readline  # noqa: F401  (input() then edits lines and keeps their history)
+
+        model = _wait_for_model(obj, socket)
+        click.echo(f"chatting with {show(model)} on {show(str(socket))}; /exit or Ctrl-D ends", err=True)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            return
+        except KeyboardInterrupt:
+            if not interactive:
+                raise
+            click.echo("\n(/exit or Ctrl-D ends the chat)", err=True)
+            continue
+        if line.strip() == "/exit":
+            return
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        text, _ = _answer(obj, socket, messages, options, echo=True, chat=True)
+        messages.append({"role": "assistant", "content": text})  # a stopped answer as far as it came

@@ -43,6 +43,15 @@ def runtime_root() -> Path:
     return Path("/tmp")
 
 
+SERVICE_SOCKET = Path("/run/qwen-prewarm/api.sock")  # the systemd service's public socket
+
+
+def default_socket() -> Path:
+    """The daemon's public socket for clients (ask, chat, status): ``$PREWARM_SOCKET`` (the same
+    variable that sets the daemon's own), else the systemd service's socket."""
+    return Path(os.environ.get("PREWARM_SOCKET") or SERVICE_SOCKET)
+
+
 def debug_enabled() -> bool:
     return os.environ.get("PREWARM_DEBUG") == "1"
 
@@ -198,7 +207,7 @@ def _check(key: str, value: Any, where: str) -> Any:
     if key == "socket_mode":
         mode = int(value, 8) if isinstance(value, str) and value.strip().isdigit() else value
         if not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o777:
-            raise bad("an octal mode such as 0660 (a string in TOML: \"0660\")")
+            raise bad('an octal mode such as 0660 (a string in TOML: "0660")')
         return mode
     if key in ("warmup", "lock", "gpu", "watch_source"):
         if isinstance(value, str) and value.lower() in ("1", "true", "yes", "0", "false", "no"):

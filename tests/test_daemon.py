@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,7 +25,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, run_prewarm
 
 START_TIMEOUT = 600
 
@@ -240,6 +241,97 @@ def test_the_openai_package_and_the_handoff(daemon: Running) -> None:
             ai = openai.OpenAI(base_url="http://prewarm/v1", api_key="unused", http_client=http)
             answer = ai.chat.completions.create(model="model", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
             assert answer.usage is not None and answer.usage.completion_tokens == 3
+
+
+TIMING = re.compile(
+    r"first token after ([0-9.]+) s, (\d+) tokens in ([0-9.]+) s(?: \(([0-9.]+) tokens/s after the first\))?, prompt (\d+) tokens"
+)
+
+
+def test_prewarm_ask_streams_an_answer_and_says_how_fast(daemon: Running) -> None:
+    proc = run_prewarm("ask", "--socket", daemon.socket, "--max-tokens", "5", "--temperature", "0", "Hello", check=True)
+    assert proc.stdout.strip(), proc.stdout
+    timing = TIMING.search(proc.stderr)
+    assert timing is not None, proc.stderr
+    assert 1 <= int(timing[2]) <= 5 and float(timing[1]) < float(timing[3]), timing[0]
+    assert "waiting for the daemon" not in proc.stderr, "the engine is ready: nothing to wait for"
+    quiet = run_prewarm("-q", "ask", "--socket", daemon.socket, "--max-tokens", "5", "--temperature", "0", "Hello", check=True)
+    assert quiet.stdout == proc.stdout and quiet.stderr == "", "greedy: the same answer; -q: no timing line"
+
+
+def test_prewarm_ask_json_prints_a_json_object(daemon: Running) -> None:
+    """Random weights under vLLM's JSON grammar: every complete answer is a JSON object, but greedy
+    decoding pads with whitespace until --max-tokens, and a sample may too. Seeded samples, then:
+    each either a JSON object on stdout, or cut off, which is said plainly (exit 1)."""
+    complete = 0
+    for seed in ("1", "3", "5"):
+        args = ("ask", "--socket", daemon.socket, "--json", "--temperature", "1", "--seed", seed, "--max-tokens", "400")
+        proc = run_prewarm(*args, "Answer in JSON.")
+        if proc.returncode == 0:
+            assert isinstance(json.loads(proc.stdout), dict), proc.stdout
+            assert TIMING.search(proc.stderr), proc.stderr
+            complete += 1
+        else:
+            assert proc.returncode == 1 and "before its JSON object was complete" in proc.stderr, (proc.returncode, proc.stderr)
+            assert json.loads(proc.stdout)["ok"] is False, "with --json, stdout is JSON even then"
+    assert complete >= 1, "no seeded answer completed its JSON object in 400 tokens"
+
+
+def test_prewarm_chat_answers_each_line_with_the_conversation_so_far(daemon: Running) -> None:
+    """The same line twice, greedy: without the history both prompts would be the same length;
+    with it, the second holds the first exchange and the line again."""
+    args = ("chat", "--socket", daemon.socket, "--max-tokens", "5", "--temperature", "0")
+    proc = run_prewarm(*args, input="Hello\n\nHello\n", check=True)
+    timings = TIMING.findall(proc.stderr)
+    assert len(timings) == 2, proc.stderr
+    first_prompt, second_prompt = int(timings[0][4]), int(timings[1][4])
+    assert second_prompt >= 2 * first_prompt, (first_prompt, second_prompt)
+    assert proc.stdout.count("\n") >= 2, "each answer ends its line"
+    system = run_prewarm(*args, "--system", "Be brief.", input="Hello\n/exit\nHello\n", check=True)
+    only = TIMING.findall(system.stderr)
+    assert len(only) == 1 and int(only[0][4]) > first_prompt, "/exit ends it; the system message is in the prompt"
+
+
+def test_prewarm_chat_ctrl_c_stops_the_answer_not_the_chat(daemon: Running) -> None:
+    cmd = [sys.executable, "-m", "prewarm", "chat", "--socket", str(daemon.socket), "--max-tokens", "300", "--temperature", "1"]
+    previous = signal.signal(signal.SIGINT, signal.SIG_DFL)  # an ignored SIGINT would be inherited (bash's `cmd &`)
+    try:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        chat = subprocess.Popen(
+            [*cmd, "--seed", "4"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    with chat:
+        assert chat.stdin is not None and chat.stdout is not None
+        chat.stdin.write(b"Hello\n")
+        chat.stdin.flush()
+        started = chat.stdout.read(1)  # the answer is streaming
+        chat.send_signal(signal.SIGINT)
+        out, err = chat.communicate(b"Hello\n", timeout=120)
+    assert started and chat.returncode == 0, err
+    assert out.count(b"\n") >= 2, "the stopped answer's line is ended, the next answer has its own"
+    assert b"[answer stopped]" in err and len(TIMING.findall(err.decode())) == 1, err
+    assert b"Traceback" not in err
+
+
+def test_prewarm_status_shows_the_daemon(daemon: Running) -> None:
+    shown = run_prewarm("status", "--socket", daemon.socket, check=True)
+    assert "state:     ready" in shown.stdout, shown.stdout
+    for name in ("reshard", "verify", "warm", "engine_start", "warmup"):
+        assert f"\n  {name} " in shown.stdout, (name, shown.stdout)
+    assert 'served as "model"' in shown.stdout and "0 restarts" in shown.stdout
+    status = json.loads(run_prewarm("status", "--socket", daemon.socket, "--json", check=True).stdout)
+    assert status["state"] == "ready" and [p["name"] for p in status["phases"]][-2:] == ["engine_start", "warmup"]
+
+
+def test_prewarm_ask_as_a_user_the_daemon_refuses(daemon: Running) -> None:
+    """The socket is 0666 here, so the daemon's own check answers 403; the client says who may."""
+    proc = as_nobody(sys.executable, "-m", "prewarm", "ask", "--socket", str(daemon.socket), "Hello")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert proc.returncode == 4 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "this user (nobody) is not allowed to use the daemon" in errors[0], errors
+    assert "allowed_users" in proc.stderr and "allowed_groups" in proc.stderr and "socket_group" in proc.stderr
 
 
 def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
