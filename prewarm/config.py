@@ -63,7 +63,7 @@ def engine_environment() -> dict[str, str]:
 
 def systemd_environment() -> dict[str, str]:
     """The variables of systemd's protocols that the daemon speaks (sd_notify, socket activation)."""
-    names = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
+    names = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "FDSTORE")
     return {name: os.environ[name] for name in names if name in os.environ}
 
 
