@@ -68,7 +68,7 @@ for line in sys.stdin:
     if line.startswith("data: {"):
         delta = json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
         first = first or time.perf_counter()
-        print(delta, end="", flush=True)
+        print(delta if delta.isprintable() else delta.encode("unicode_escape").decode(), end="", flush=True)
 print("\n   (first token after %.3f s, all in %.3f s)" % ((first or start) - start, time.perf_counter() - start))'
 echo "== the same with prewarm ask"
 .venv/bin/prewarm ask --socket "$SOCK" --max-tokens 24 "Say hello in three languages."
