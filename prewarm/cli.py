@@ -682,7 +682,7 @@ def uninstall_service(root: Path | None, purge: bool, dry_run: bool, as_json: bo
     _emit(as_json, _service_json(result), lambda: _say_service(result, "uninstalled"))
 
 
-_PAST = {"create": "created", "write": "wrote", "remove": "removed", "run": "ran", "keep": "kept"}
+_PAST = {"create": "created", "write": "wrote", "remove": "removed", "run": "ran"}
 
 
 def _service_json(result: Any) -> dict[str, Any]:
@@ -698,7 +698,7 @@ def _say_service(result: Any, done: str) -> None:
         head = done if result.changed else f"nothing changed: already {done}"
     click.echo(f"qwen-prewarm under {show(str(result.root))}: {head}")
     for step in result.steps:
-        verb = (f"would {step.action}" if result.dry_run else _PAST[step.action]) if step.changed else "unchanged"
+        verb = (f"would {step.action}" if result.dry_run else _PAST[step.action]) if step.changed else "kept"
         detail = f" ({show(step.detail)})" if step.detail else ""
         click.echo(f"  {verb:<14} {show(step.target)}{detail}")
     for note in result.notes:
