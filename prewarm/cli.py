@@ -603,6 +603,7 @@ def manifest(obj: Context, directory: Path, threads: int | None, as_json: bool) 
 @click.option(
     "--reload", "reload_mode", type=click.Choice(["blue-green", "restart"]), default=None, help="How a reload swaps engines."
 )
+@click.option("--http", default=None, metavar="HOST:PORT", help="Also serve the chat page and API over TCP.")
 def daemon(
     config_file: Path | None,
     model: str | None,
@@ -613,6 +614,7 @@ def daemon(
     engine_args: tuple[str, ...],
     cache_dir: Path | None,
     reload_mode: str | None,
+    http: str | None,
 ) -> None:
     """Serve a model hot: prepare its weights, run a vLLM engine, answer on a Unix socket.
 
@@ -631,6 +633,7 @@ def daemon(
         "engine_args": engine_args,
         "cache_dir": cache_dir,
         "reload": reload_mode,
+        "http": http,
     }
     settings = load_settings(config_file, flags)
     logging.getLogger("prewarm").setLevel(logging.INFO)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import grp
+import ipaddress
 import os
 import pwd
 import tomllib
@@ -99,6 +100,13 @@ class DaemonSettings:
     grace_s: float = 30.0
     monitor_interval_s: float = 30.0  # how often the weights' residency and files are checked
     watch_source: bool = True  # a changed local model source triggers a reload
+    http: str | None = None  # "HOST:PORT": a TCP listener for the chat page and the API
+    api_key: str | None = None  # then every TCP request needs "Authorization: Bearer KEY"
+    engine_python: str | None = None  # the Python that runs vLLM (default: prewarm's own)
+
+    @property
+    def http_address(self) -> tuple[str, int] | None:
+        return None if self.http is None else parse_http_address(self.http)
 
     @property
     def handoff_path(self) -> Path:
@@ -131,7 +139,33 @@ def load_settings(config_file: Path | None, flags: Mapping[str, Any]) -> DaemonS
     for key in ("model", "socket"):
         if not values.get(key):
             raise UsageError(f"no {key} given", where, hint=f"set {key} in the config file or pass --{key}")
-    return DaemonSettings(**{key: _check(key, value, where) for key, value in values.items()})
+    settings = DaemonSettings(**{key: _check(key, value, where) for key, value in values.items()})
+    address = settings.http_address
+    if address is not None and not is_loopback(address[0]) and not settings.api_key:
+        raise UsageError(
+            f"http = {settings.http!r} would let anyone who can reach it use the model: a non-loopback address needs an api_key",
+            where,
+            hint="set api_key (or PREWARM_API_KEY, e.g. from an EnvironmentFile), or listen on 127.0.0.1",
+        )
+    return settings
+
+
+def parse_http_address(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) -> (host, port); ValueError saying what is wrong."""
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("HOST:PORT with a port from 1 to 65535, e.g. 127.0.0.1:8000 or [::1]:8000")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -224,6 +258,19 @@ def _check(key: str, value: Any, where: str) -> Any:
         for name in names if key != "engine_args" else ():
             (_uid if key == "allowed_users" else _gid)(name)
         return names
+    if key == "http":
+        try:
+            parse_http_address(str(value))
+        except ValueError as exc:
+            raise bad(str(exc)) from None
+    if key == "api_key" and (not isinstance(value, str) or len(value) < 16 or not value.isprintable() or " " in value):
+        raise UsageError(  # never echo a secret, even a bad one
+            "setting api_key is not allowed: it needs at least 16 printable characters without spaces",
+            where,
+            hint="make one with `openssl rand -hex 24`",
+        )
+    if key == "engine_python" and not (isinstance(value, str) and os.path.isabs(value) and os.access(value, os.X_OK)):
+        raise bad("the absolute path of a Python executable that has vLLM installed")
     if key == "socket_group":
         _gid(str(value))
     if not isinstance(value, str):

@@ -18,6 +18,8 @@ import logging
 import os
 import shutil
 import signal
+import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -25,12 +27,14 @@ from typing import Any
 
 from prewarm.config import DaemonSettings, runtime_root
 from prewarm.engine import Engine, EngineFailed, EngineSpec, has_gpu
+from prewarm.errors import PrewarmError
 from prewarm.gateway import Gateway, Unavailable
 from prewarm.handoff import HandoffServer
 from prewarm.notify import ActivationError, Notifier, listen_sockets
 from prewarm.peer import AccessPolicy
 from prewarm.prepare import Prepared, prepare
 from prewarm.progress import CancellableProgress, Cancelled, PlainProgress, TrackedProgress
+from prewarm.tcpaccess import TcpAccess
 from prewarm.units import format_size
 from prewarm.unixsock import bind_unix, private_runtime_dir, remove_unix
 from prewarm.warm import PageLock, residency, warm
@@ -62,7 +66,9 @@ class Daemon:
         self.wake = asyncio.Event()  # something for the supervisor: stop, reload, a death
         self.stop_requested = False
         self.reload_reason: str | None = None
-        self.gateway = Gateway(self, self.policy, settings.grace_s)
+        address = settings.http_address
+        self.tcp = None if address is None else TcpAccess(address[0], address[1], settings.api_key)
+        self.gateway = Gateway(self, self.policy, settings.grace_s, self.tcp)
         self.handoff: HandoffServer | None = None
         self.runtime_dir: Path | None = None
         self.page_lock: PageLock | None = None
@@ -142,6 +148,7 @@ class Daemon:
             else {**engine.status(), "restarts": self.restarts, "last_lines": list(engine.lines)[-20:] if self.failure else []},
             "failure": self.failure,
             "socket": str(self.settings.socket),
+            "http": self.tcp.display if self.tcp else None,
             "handoff_socket": str(self.settings.handoff_path),
             "handoff": self.handoff.counts.as_dict() if self.handoff else None,
             "queue": dict(self.queue),
@@ -154,9 +161,10 @@ class Daemon:
         for signum, action in ((signal.SIGTERM, self.request_stop), (signal.SIGINT, self.request_stop)):
             loop.add_signal_handler(signum, action, signal.Signals(signum).name)
         loop.add_signal_handler(signal.SIGHUP, self.request_reload, "SIGHUP")
+        tcp = self._tcp_listener()  # first: a port in use fails the start before a socket file exists
         public, handoff = self._listeners()
         self.runtime_dir = private_runtime_dir(runtime_root())
-        await self.gateway.start(public)
+        await self.gateway.start(public, *([tcp] if tcp else []))
         self.handoff = HandoffServer(handoff, self.policy, self._handoff_target, log)
         await self.handoff.start()
         log.info("listening on %s (handoff %s)", self.settings.socket, self.settings.handoff_path)
@@ -171,6 +179,19 @@ class Daemon:
                 watcher.stop()
             await self._shutdown(public, handoff)
         return 0
+
+    def _tcp_listener(self) -> socket.socket | None:
+        if self.tcp is None:
+            return None
+        try:
+            listener = self.tcp.bind()
+        except OSError as exc:
+            raise PrewarmError(
+                f"cannot listen on {self.tcp.display}: {exc.strerror}",
+                hint="pick another port with --http (or http in the config), or stop what uses this one",
+            ) from None
+        log.info("the chat page and the API: http://%s/", self.tcp.display)
+        return listener
 
     def _listeners(self) -> tuple[Any, Any]:
         """The sockets systemd passed (a .socket unit, or its descriptor store after a restart),
@@ -340,6 +361,7 @@ class Daemon:
             cache_root=self.settings.cache_dir / "vllm",
             grace_s=self.settings.grace_s,
             split_cpu=self.settings.reload == "blue-green",
+            python=self.settings.engine_python or sys.executable,
         )
         engine = Engine(spec, self.env)
         started = time.monotonic()

@@ -84,7 +84,7 @@ def engine_command(spec: EngineSpec) -> list[str]:
             defaults += ["--gpu-memory-utilization", "0.3"]
     vllm = [spec.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(spec.serving_dir)]
     vllm += ["--uds", str(spec.socket), "--served-model-name", spec.served_name, *defaults, *spec.args]
-    return [spec.python, "-m", "prewarm.reaper", str(spec.grace_s), "--", *vllm]
+    return [sys.executable, "-m", "prewarm.reaper", str(spec.grace_s), "--", *vllm]  # vLLM's Python may lack prewarm
 
 
 def engine_environment(spec: EngineSpec, base: dict[str, str], engine_id: int) -> dict[str, str]:

@@ -11,17 +11,28 @@ from __future__ import annotations
 import logging
 import re
 import socket
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
 
 from prewarm.peer import AccessPolicy, peer_of
+from prewarm.tcpaccess import TcpAccess
 
 if TYPE_CHECKING:
     from prewarm.daemon import Daemon
 
 log = logging.getLogger(__name__)
+WEB = Path(__file__).parent / "web"  # the chat page: static files, no build step, nothing from a CDN
+_PAGE_HEADERS = {
+    # Model text is inserted as text; this is the second line of defence should that ever fail.
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 # The OpenAI API and tokenize/detokenize; nothing else of the engine's (sleep, wake, LoRA and
 # weight loading, profiling, whatever vLLM adds later) is reachable through prewarm.
 FORWARDED = re.compile(
@@ -47,25 +58,31 @@ class Unavailable(Exception):
 
 def _json_error(status: int, message: str, **extra: Any) -> web.Response:
     headers = {"Retry-After": "5"} if status == 503 else {}
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="prewarm"'
     body = {"error": {"message": message, "type": "prewarm", "code": status, **extra}}
     return web.json_response(body, status=status, headers=headers)
 
 
 class Gateway:
-    def __init__(self, daemon: Daemon, policy: AccessPolicy, grace_s: float) -> None:
+    def __init__(self, daemon: Daemon, policy: AccessPolicy, grace_s: float, tcp: TcpAccess | None = None) -> None:
         self.daemon = daemon
         self.policy = policy
+        self.tcp = tcp
         self.app = web.Application(middlewares=[self._check_peer], client_max_size=64 * 2**20)
         self.app.router.add_get("/health", self.health)
         self.app.router.add_get("/prewarm/status", self.status)
         self.app.router.add_post("/prewarm/reload", self.reload)
+        self.app.router.add_get("/", self.page)
+        self.app.router.add_get("/static/{name}", self.static)
         self.app.router.add_route("*", "/{tail:.*}", self.forward)
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=grace_s)
         self.refused = 0
 
-    async def start(self, listener: socket.socket) -> None:
+    async def start(self, *listeners: socket.socket) -> None:
         await self.runner.setup()
-        await web.SockSite(self.runner, listener).start()
+        for listener in listeners:
+            await web.SockSite(self.runner, listener).start()
 
     async def stop(self) -> None:
         await self.runner.cleanup()
@@ -73,6 +90,8 @@ class Gateway:
     @web.middleware
     async def _check_peer(self, request: web.Request, handler: Any) -> web.StreamResponse:
         sock = request.transport.get_extra_info("socket") if request.transport else None
+        if sock is not None and sock.family != socket.AF_UNIX:
+            return await self._check_tcp(request, handler)
         peer = peer_of(sock) if sock is not None else None
         if peer is None or not self.policy.allows(peer):
             self.refused += 1
@@ -83,6 +102,26 @@ class Gateway:
         result: web.StreamResponse = await handler(request)
         return result
 
+    async def _check_tcp(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        refused = self.tcp.refusal(request.path, headers) if self.tcp else None
+        if self.tcp is None or refused is not None:
+            self.refused += 1
+            why = refused.message if refused else "no TCP listener is configured"
+            log.warning("refused a request on %s from %s: %s", self.tcp.display if self.tcp else "?", request.remote, why)
+            return _json_error(refused.status if refused else 403, why)
+        result: web.StreamResponse = await handler(request)
+        return result
+
+    async def page(self, request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(WEB / "index.html", headers=_PAGE_HEADERS)
+
+    async def static(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        if not re.fullmatch(r"[a-z0-9_-]+\.(js|css|svg)", name) or not (WEB / name).is_file():
+            return _json_error(404, f"no file {name}")
+        return web.FileResponse(WEB / name, headers=_PAGE_HEADERS)
+
     async def health(self, request: web.Request) -> web.Response:
         if self.daemon.ready_engine() is not None:
             return web.json_response({"status": "ok", "state": self.daemon.state})
@@ -92,7 +131,7 @@ class Gateway:
         return web.json_response(self.daemon.status())
 
     async def reload(self, request: web.Request) -> web.Response:
-        if not self.policy.may_control(request["peer"]):
+        if not self.policy.may_control(request["peer"]):  # the TCP listener never routes here
             log.warning("refused a reload from uid %d (only root and the daemon's user may)", request["peer"].uid)
             return _json_error(403, "only root and the daemon's own user may reload")
         self.daemon.request_reload("POST /prewarm/reload")

@@ -12,6 +12,13 @@ if [ -z "${PREWARM_BACKEND:-}" ]; then
   if [ -e /dev/nvidiactl ] || command -v nvidia-smi >/dev/null 2>&1; then PREWARM_BACKEND=gpu; else PREWARM_BACKEND=cpu; fi
 fi
 case "$PREWARM_BACKEND" in cpu|gpu) ;; *) echo "PREWARM_BACKEND must be cpu or gpu, not $PREWARM_BACKEND" >&2; exit 2 ;; esac
+if [ "$PURPOSE" = test ] && [ ! -x /usr/bin/chromium ]; then
+  # The chat page is tested in a real headless Chromium (Debian's; Playwright downloads none).
+  echo "setup: installing Debian's chromium for the browser tests" >&2
+  if [ "$(id -u)" != 0 ]; then echo "setup: run as root, or install the Debian packages chromium and chromium-driver" >&2; exit 1; fi
+  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; } >/tmp/prewarm-apt.log 2>&1 ||
+    { cat /tmp/prewarm-apt.log; exit 1; }
+fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # pip's output goes to .venv/setup.log, shown only if it fails.
 install() { .venv/bin/python -m pip install --disable-pip-version-check "$@" >>.venv/setup.log 2>&1 || { cat .venv/setup.log; exit 1; }; }

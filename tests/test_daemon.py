@@ -507,6 +507,9 @@ def test_a_bad_config_is_refused_at_start(tmp_path: Path) -> None:
         ('model = "x"\nsocket = "/tmp/x.sock"\nreload = "sideways"\n', "reload = 'sideways'"),
         ('socket = "/tmp/x.sock"\n', "no model given"),
         ("model = [\n", "not valid TOML"),
+        ('model = "x"\nsocket = "/tmp/x.sock"\nhttp = "0.0.0.0:8000"\n', "a non-loopback address needs an api_key"),
+        ('model = "x"\nsocket = "/tmp/x.sock"\nhttp = "8000"\n', "HOST:PORT"),
+        ('model = "x"\nsocket = "/tmp/x.sock"\napi_key = "short-secret"\n', "at least 16 printable characters"),
     ):
         config.write_text(text)
         proc = subprocess.run(
@@ -520,6 +523,7 @@ def test_a_bad_config_is_refused_at_start(tmp_path: Path) -> None:
         errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
         assert len(errors) == 1 and needle in errors[0], proc.stderr
         assert "  hint: " in proc.stderr
+        assert "short-secret" not in proc.stderr, "a key is never echoed"
 
 
 def test_damaged_weights_are_never_loaded(tiny_model: Path, tmp_path: Path) -> None:
