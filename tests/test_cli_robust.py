@@ -72,9 +72,7 @@ def test_any_size_option_is_a_clean_outcome(size: str, served: Path, tmp_path: P
 
 
 json_values = st.recursive(
-    st.one_of(
-        st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False), st.text(max_size=8)
-    ),
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False), st.text(max_size=8)),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=12,
 )
@@ -146,9 +144,7 @@ def test_any_safetensors_header_is_a_clean_outcome(header: object, tmp_path: Pat
     assert not (tmp_path / "dst").exists()
 
 
-@pytest.mark.parametrize(
-    "name", ['"\\ud800x"', '"ok\\udfff"'], ids=["lone high surrogate", "lone low surrogate"]
-)
+@pytest.mark.parametrize("name", ['"\\ud800x"', '"ok\\udfff"'], ids=["lone high surrogate", "lone low surrogate"])
 def test_a_tensor_name_with_a_lone_surrogate_is_refused(name: str, tmp_path: Path) -> None:
     raw = ("{" + name + ': {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}').encode()
     write_raw_safetensors(tmp_path / "model.safetensors", raw, b"\0")

@@ -176,4 +176,3 @@ def test_a_repo_like_relative_path_is_a_path_not_a_repo_id(tiny_model: Path, tmp
     assert proc.returncode == 0, proc.stderr
     missing = run_prewarm("-q", "reshard", "./cache/none", "out2", cwd=tmp_path, env=env)
     assert missing.returncode == 4 and "cache/none: no such file or directory" in missing.stderr, missing.stderr
-
