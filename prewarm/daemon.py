@@ -207,13 +207,14 @@ class Daemon:
                 f"{self.settings.socket} nor the handoff socket {self.settings.handoff_path}",
                 hint="make ListenStream= in qwen-prewarm.socket and socket/handoff_socket in the config name the same paths",
             )
+        public = public or self._bind_own("public", self.settings.socket)
+        return public, handoff or self._bind_own("handoff", self.settings.handoff_path)
+
+    def _bind_own(self, name: str, path: Path) -> socket.socket:
         gid = grp.getgrnam(self.settings.socket_group).gr_gid if self.settings.socket_group else None
-        for name, sock, path in (("public", public, self.settings.socket), ("handoff", handoff, self.settings.handoff_path)):
-            if sock is None:
-                sock = bind_unix(path, self.settings.socket_mode, gid)
-                self.stored_sockets |= self.notifier.store_fd(name, sock.fileno())
-                public, handoff = (sock, handoff) if name == "public" else (public, sock)
-        return public, handoff
+        sock = bind_unix(path, self.settings.socket_mode, gid)
+        self.stored_sockets |= self.notifier.store_fd(name, sock.fileno())
+        return sock
 
     def _handoff_target(self) -> tuple[Path, dict[str, object]] | None:
         engine = self.ready_engine()

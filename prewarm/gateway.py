@@ -18,7 +18,7 @@ import aiohttp
 from aiohttp import web
 
 from prewarm.peer import AccessPolicy, peer_of
-from prewarm.tcpaccess import TcpAccess
+from prewarm.tcpaccess import STATIC_NAME, TcpAccess
 
 if TYPE_CHECKING:
     from prewarm.daemon import Daemon
@@ -118,7 +118,7 @@ class Gateway:
 
     async def static(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
-        if not re.fullmatch(r"[a-z0-9_-]+\.(js|css|svg)", name) or not (WEB / name).is_file():
+        if not re.fullmatch(STATIC_NAME, name) or not (WEB / name).is_file():
             return _json_error(404, f"no file {name}")
         return web.FileResponse(WEB / name, headers=_PAGE_HEADERS)
 

@@ -45,21 +45,26 @@ class Notifier:
         return self._address is not None
 
     def send(self, **fields: object) -> bool:
-        """One datagram ``KEY=value\\n...``; False when there is nowhere to send it or sending failed."""
+        """One datagram ``KEY=value\n...``; False when there is nowhere to send it or sending failed."""
         if self._address is None or not fields:
             return False
         # sd_notify(3): newline-separated assignments; a newline inside a value would start a new one.
         payload = "".join(f"{key}={str(value).replace(chr(10), ' ')}\n" for key, value in fields.items())
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-                # Never block the event loop: a reader that does not keep up (its queue holds
-                # net.unix.max_dgram_qlen datagrams) loses a status line, not the daemon.
-                sock.setblocking(False)
-                sock.sendto(payload.encode(), self._address)
+            self._deliver(payload.encode())
         except OSError as exc:
             log.debug("sd_notify to %r failed: %s", self._address, exc)
             return False
         return True
+
+    def _deliver(self, payload: bytes, fds: tuple[int, ...] = ()) -> None:
+        assert self._address is not None
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            # Never block the event loop: a reader that does not keep up (its queue holds
+            # net.unix.max_dgram_qlen datagrams) loses a status line, not the daemon.
+            sock.setblocking(False)
+            sock.sendmsg([payload], rights, 0, self._address)
 
     def ready(self, status: str | None = None) -> bool:
         return self.send(READY=1, **({"STATUS": status} if status else {}))
@@ -71,11 +76,8 @@ class Notifier:
         connections into its backlog while the daemon restarts."""
         if self._address is None or not self._fdstore:
             return False
-        payload = f"FDSTORE=1\nFDNAME={name}\n".encode()
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-                sock.setblocking(False)
-                sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))], 0, self._address)
+            self._deliver(f"FDSTORE=1\nFDNAME={name}\n".encode(), (fd,))
         except OSError as exc:
             log.warning("could not hand %s to systemd's descriptor store: %s", name, exc)
             return False

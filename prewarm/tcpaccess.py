@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from prewarm.config import is_loopback
 
-PUBLIC = re.compile(r"/|/static/[a-z0-9_-]+\.(js|css|svg)")  # the page, served to ask for the key
+STATIC_NAME = r"[a-z0-9_-]+\.(js|css|svg)"  # the page's files under /static/
+PUBLIC = re.compile(rf"/|/static/{STATIC_NAME}")  # the page, served to ask for the key
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,7 @@ class TcpAccess:
         return socket.create_server((self.host, self.port), family=family, backlog=1024)
 
     def allowed_hosts(self) -> set[str]:
-        names = {self.display, f"localhost:{self.port}", f"127.0.0.1:{self.port}", f"[::1]:{self.port}"}
-        return names
+        return {self.display, f"localhost:{self.port}", f"127.0.0.1:{self.port}", f"[::1]:{self.port}"}
 
     def refusal(self, path: str, headers: dict[str, str]) -> Refusal | None:
         """Why this request may not pass, or None; ``headers`` with lower-case names."""
