@@ -18,7 +18,7 @@ import pytest
 
 from prewarm.config import SERVICE_SOCKET, default_socket
 from tests.helpers import ROOT, assert_clean_failure, run_prewarm
-from tests.test_daemon import START_TIMEOUT, as_nobody, start_daemon, stop, wait_for_state
+from tests.test_daemon import START_TIMEOUT, as_nobody, damaged_serving_dir, start_daemon, stop, wait_for_state
 
 CLIENT_COMMANDS = (("ask", "Hello"), ("chat",), ("status",))
 
@@ -83,14 +83,7 @@ def test_bad_option_values_are_refused_before_any_connection(args: tuple[str, ..
 
 
 def test_a_daemon_whose_weights_fail_verification(tiny_model: Path, tmp_path: Path) -> None:
-    served = tmp_path / "served"
-    run_prewarm("-q", "reshard", tiny_model, served, check=True)
-    with open(sorted(served.glob("*.safetensors"))[-1], "r+b") as shard:
-        shard.seek(-1, os.SEEK_END)
-        last = shard.read(1)
-        shard.seek(-1, os.SEEK_END)
-        shard.write(bytes([last[0] ^ 0x01]))
-    running = start_daemon(served, tmp_path)
+    running = start_daemon(damaged_serving_dir(tiny_model, tmp_path), tmp_path)
     try:
         wait_for_state(running, "failed", 60)
         for command in (("ask", "Hello"), ("chat",)):

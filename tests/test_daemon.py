@@ -526,8 +526,10 @@ def test_a_bad_config_is_refused_at_start(tmp_path: Path) -> None:
         assert "short-secret" not in proc.stderr, "a key is never echoed"
 
 
-def test_damaged_weights_are_never_loaded(tiny_model: Path, tmp_path: Path) -> None:
-    served = tmp_path / "served"
+def damaged_serving_dir(tiny_model: Path, workdir: Path) -> Path:
+    """A serving directory whose weights fail verification (one byte flipped): a daemon on it
+    reaches state failed in seconds and starts no engine."""
+    served = workdir / "served"
     subprocess.run(
         [sys.executable, "-m", "prewarm", "-q", "reshard", str(tiny_model), str(served)],
         check=True,
@@ -537,7 +539,11 @@ def test_damaged_weights_are_never_loaded(tiny_model: Path, tmp_path: Path) -> N
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
-    running = start_daemon(served, tmp_path)
+    return served
+
+
+def test_damaged_weights_are_never_loaded(tiny_model: Path, tmp_path: Path) -> None:
+    running = start_daemon(damaged_serving_dir(tiny_model, tmp_path), tmp_path)
     try:
         status = wait_for_state(running, "failed", 60)
         assert "failed verification" in status["failure"]["reason"] and status["engine"] is None

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 
 from tests.helpers import ROOT
-from tests.test_daemon import START_TIMEOUT, Running, client, engine_processes, stop
+from tests.test_daemon import START_TIMEOUT, Running, client, damaged_serving_dir, engine_processes, stop
 
 UNIT = ROOT / "systemd" / "qwen-prewarm.service"
 PREWARM = Path(sys.executable).parent / "prewarm"
@@ -156,21 +156,10 @@ def receive_stored(notify: socket.socket, wanted: int, timeout: float) -> dict[s
     return stored
 
 
-def damaged_copy(tiny_model: Path, workdir: Path) -> Path:
-    """A serving directory whose weights fail verification: the daemon serves 503s, starts no engine."""
-    served = workdir / "served"
-    subprocess.run([str(PREWARM), "-q", "reshard", str(tiny_model), str(served)], check=True)
-    shard = sorted(served.glob("*.safetensors"))[0]
-    data = bytearray(shard.read_bytes())
-    data[-1] ^= 0xFF
-    shard.write_bytes(bytes(data))
-    return served
-
-
 def test_without_a_socket_unit_the_fd_store_keeps_clients_waiting_across_restarts(tiny_model: Path, tmp_path: Path) -> None:
     short = short_dir()
     sock = short / "api.sock"
-    cfg = write_config(tmp_path / "prewarm.toml", damaged_copy(tiny_model, tmp_path), sock, tmp_path / "cache")
+    cfg = write_config(tmp_path / "prewarm.toml", damaged_serving_dir(tiny_model, tmp_path), sock, tmp_path / "cache")
     notify = notify_socket(short)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NOTIFY_SOCKET": str(short / "notify"), "RUNTIME_DIRECTORY": str(short)}
     env["FDSTORE"] = "4"  # FileDescriptorStoreMax=4 (set by systemd 254+, by our unit for older ones)
