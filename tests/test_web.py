@@ -539,6 +539,7 @@ def test_with_an_api_key_requests_need_it_and_the_page_asks_once(
         page = page_on(served)
         responses: list[tuple[str, int, str | None]] = []
         page.on("response", lambda r: responses.append((r.url, r.status, r.request.headers.get("authorization"))))
+        page.reload()  # from the first request on: the 401 that makes it ask may come before on() above
         form = page.locator("#key-form")
         expect(form).to_be_visible(timeout=UI_TIMEOUT_MS)
         send(page, "Hello with a key.")  # waits for the key, then for the engine
