@@ -103,6 +103,14 @@ class DaemonSettings:
     http: str | None = None  # "HOST:PORT": a TCP listener for the chat page and the API
     api_key: str | None = None  # then every TCP request needs "Authorization: Bearer KEY"
     engine_python: str | None = None  # the Python that runs vLLM (default: prewarm's own)
+    load_format: str = "prewarm"  # vLLM's --load-format: prewarm's checked reader, or e.g. "auto"
+    load_check: str = "hash"  # hash every byte as it loads, or "record": trust a verification of unchanged files
+    load_buffers: int = 0  # the reader's host buffers of 16 MiB (0: one per reader thread + 4)
+
+    def load_options(self) -> dict[str, object]:
+        """The prewarm format's --model-loader-extra-config: only what differs from its defaults."""
+        options: dict[str, object] = {"check": self.load_check} if self.load_check != "hash" else {}
+        return options | ({"buffers": self.load_buffers} if self.load_buffers else {})
 
     @property
     def http_address(self) -> tuple[str, int] | None:
@@ -123,6 +131,7 @@ class DaemonSettings:
 _KEYS = {f.name: f for f in dataclasses.fields(DaemonSettings)}
 _DURATIONS = {"queue_timeout_s", "startup_timeout_s", "restart_window_s", "restart_backoff_s", "grace_s", "monitor_interval_s"}
 _COUNTS = {"queue_max", "max_restarts"}
+LOAD_CHECKS = ("hash", "record")
 
 
 def load_settings(config_file: Path | None, flags: Mapping[str, Any]) -> DaemonSettings:
@@ -253,6 +262,17 @@ def _check(key: str, value: Any, where: str) -> Any:
         if value not in RELOAD_MODES:
             raise bad(" or ".join(RELOAD_MODES))
         return value
+    if key == "load_check":
+        if value not in LOAD_CHECKS:
+            raise bad(" or ".join(LOAD_CHECKS))
+        return value
+    if key == "load_buffers":
+        number = _number(value)
+        if number is None or number != int(number) or not 0 <= number <= 256:
+            raise bad("a whole number from 0 (automatic) to 256")
+        return int(number)
+    if key == "load_format" and not (isinstance(value, str) and value.replace("_", "").replace("-", "").isalnum()):
+        raise bad('"prewarm", or a vLLM load format such as "auto" or "safetensors"')
     if key in ("allowed_users", "allowed_groups", "engine_args"):
         names = _strings(key, value, where)
         for name in names if key != "engine_args" else ():

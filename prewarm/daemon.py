@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from prewarm.config import DaemonSettings, runtime_root
-from prewarm.engine import Engine, EngineFailed, EngineSpec, has_gpu
+from prewarm.engine import Engine, EngineFailed, EngineSpec, has_gpu, has_prewarm_loader
 from prewarm.errors import PrewarmError
 from prewarm.gateway import Gateway, Unavailable
 from prewarm.handoff import HandoffServer
@@ -363,7 +363,12 @@ class Daemon:
             grace_s=self.settings.grace_s,
             split_cpu=self.settings.reload == "blue-green",
             python=self.settings.engine_python or sys.executable,
+            load_format=self.settings.load_format,
+            load_options=self.settings.load_options(),
+            load_report=self.runtime_dir / f"engine-{Engine.counter + 1}.load.json",
         )
+        if not await self._loader_available(spec, beside):
+            return None
         engine = Engine(spec, self.env)
         started = time.monotonic()
         await engine.start()
@@ -387,6 +392,23 @@ class Daemon:
             await self._fail(exc.message, list(exc.lines))
             return None
         return engine
+
+    async def _loader_available(self, spec: EngineSpec, beside: Engine | None) -> bool:
+        """Another Python for vLLM (engine_python) may lack prewarm, and so the prewarm format."""
+        if spec.python == sys.executable or not any(a == "prewarm" for a in spec.load_args()):
+            return True
+        if await has_prewarm_loader(spec.python):
+            return True
+        reason = (
+            f"the engine's Python {spec.python} does not have prewarm installed, so vLLM there has no --load-format prewarm; "
+            f'install prewarm into that environment, or set load_format = "auto"'
+        )
+        if beside is not None:
+            self.failure = {"reason": f"the last reload failed: {reason}", "last_lines": [], "at": time.time()}
+            log.error("reload failed, the old engine keeps serving: %s", reason)
+        else:
+            await self._fail(reason, [])
+        return False
 
     async def _unless_stopped(self, work: Any) -> bool:
         """Run ``work`` unless a stop comes first (then cancel it): True if it completed."""

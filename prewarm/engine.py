@@ -17,7 +17,8 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 LAST_LINES = 40
 CPU_KV_CACHE_GIB = "1"
 CPU_MAX_MODEL_LEN = 2048
+REPORT_ENV = "PREWARM_LOAD_REPORT"  # where --load-format prewarm writes its report (prewarm.vllm_loader)
 
 
 @dataclass
@@ -49,6 +51,18 @@ class EngineSpec:
     grace_s: float = 30.0
     split_cpu: bool = False  # CPU host with blue-green reloads: alternate halves of the cores
     python: str = sys.executable
+    load_format: str = "prewarm"  # prewarm's checked reader (prewarm.vllm_loader), or a vLLM format
+    load_options: Mapping[str, object] = field(default_factory=dict)  # the reader's settings
+    load_report: Path | None = None  # where the prewarm format writes what the load took
+
+    def load_args(self) -> list[str]:
+        """``--load-format``, unless the user's own vLLM options choose one."""
+        if _given(self.args, "--load-format"):
+            return []
+        args = ["--load-format", self.load_format]
+        if self.load_format == "prewarm" and self.load_options and not _given(self.args, "--model-loader-extra-config"):
+            args += ["--model-loader-extra-config", json.dumps(dict(self.load_options))]
+        return args
 
 
 def has_gpu() -> bool:
@@ -83,12 +97,14 @@ def engine_command(spec: EngineSpec) -> list[str]:
         if not _given(spec.args, "--gpu-memory-utilization"):
             defaults += ["--gpu-memory-utilization", "0.3"]
     vllm = [spec.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(spec.serving_dir)]
-    vllm += ["--uds", str(spec.socket), "--served-model-name", spec.served_name, *defaults, *spec.args]
+    vllm += ["--uds", str(spec.socket), "--served-model-name", spec.served_name, *defaults, *spec.load_args(), *spec.args]
     return [sys.executable, "-m", "prewarm.reaper", str(spec.grace_s), "--", *vllm]  # vLLM's Python may lack prewarm
 
 
 def engine_environment(spec: EngineSpec, base: dict[str, str], engine_id: int) -> dict[str, str]:
     env = {**base, "VLLM_CACHE_ROOT": str(spec.cache_root), "PYTHONUNBUFFERED": "1"}
+    if spec.load_report is not None:
+        env[REPORT_ENV] = str(spec.load_report)
     env.pop("NOTIFY_SOCKET", None)  # systemd hears from the daemon only
     env.pop("LISTEN_FDS", None)
     env.pop("LISTEN_PID", None)
@@ -98,6 +114,21 @@ def engine_environment(spec: EngineSpec, base: dict[str, str], engine_id: int) -
         if cores is not None:
             env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cores)
     return env
+
+
+async def has_prewarm_loader(python: str) -> bool:
+    """Whether ``python``'s environment registers ``--load-format prewarm`` (prewarm installed
+    there): asked of its package metadata, without importing vLLM."""
+    probe = (
+        "import importlib.metadata as m, sys; "
+        "sys.exit(0 if any(e.name == 'prewarm' for e in m.entry_points(group='vllm.general_plugins')) else 1)"
+    )
+    try:
+        quiet = asyncio.subprocess.DEVNULL
+        process = await asyncio.create_subprocess_exec(python, "-c", probe, stdin=quiet, stdout=quiet, stderr=quiet)
+        return await asyncio.wait_for(process.wait(), 30) == 0
+    except (OSError, TimeoutError):
+        return False
 
 
 def cpu_binding(engine_id: int) -> str | None:
@@ -268,6 +299,18 @@ class Engine:
             with contextlib.suppress(FileNotFoundError, ProcessLookupError):
                 os.unlink(self.spec.socket)
 
+    def load_report(self) -> dict[str, object] | None:
+        """What the prewarm load format reported (time, bytes, GB/s, whether it hashed), once ready."""
+        path = self.spec.load_report
+        if path is None or self.ready_at is None:
+            return None
+        try:
+            with open(path, "rb") as f:
+                report = json.loads(f.read(1 << 16))
+        except (OSError, ValueError):
+            return None
+        return report if isinstance(report, dict) else None
+
     def status(self) -> dict[str, object]:
         return {
             "id": self.id,
@@ -277,4 +320,6 @@ class Engine:
             "uptime_s": round(time.monotonic() - self.ready_at, 1) if self.ready_at else None,
             "in_flight": self.in_flight,
             "command": json.dumps(engine_command(self.spec)[4:]),
+            "load_format": self.spec.load_format if not _given(self.spec.args, "--load-format") else "(engine_args)",
+            "load": self.load_report(),
         }

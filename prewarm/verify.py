@@ -7,12 +7,13 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import xxhash
 
-from prewarm.checkpoint import MANIFEST_NAME
+from prewarm.checkpoint import MANIFEST_NAME, identity_of
 from prewarm.confine import NotRegular, Root, open_regular, parse_json, read_small_file, root_of
 from prewarm.errors import FilesystemError
 from prewarm.fsutil import write_file_atomic
@@ -41,6 +42,7 @@ class VerifyReport:
     files: int
     bytes_checked: int
     seconds: float
+    identities: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # each file as it was opened to be hashed
 
     @property
     def ok(self) -> bool:
@@ -67,16 +69,22 @@ def verify_directory(directory: Path, threads: int | None = None, progress: Prog
     listing = list_files(root)
     problems = [Problem(name, "extra") for name in listing.files if name not in manifest.files]
     problems += [Problem(s.name, "extra", detail=s.reason) for s in listing.skipped if s.name not in manifest.files]
-    chunks = _plan_chunks(root, manifest, problems)
+    identities: dict[str, tuple[int, ...]] = {}
+    chunks = _plan_chunks(root, manifest, problems, identities)
     problems += _check_chunks(chunks, threads or default_threads(), progress or NoProgress())
     order = {name: i for i, name in enumerate(sorted(set(manifest.files) | {p.file for p in problems}))}
     problems.sort(key=lambda p: (order[p.file], p.offset or 0))
     return VerifyReport(
-        directory, tuple(problems), len(manifest.files), sum(c.length for c in chunks), time.perf_counter() - started
+        directory,
+        tuple(problems),
+        len(manifest.files),
+        sum(c.length for c in chunks),
+        time.perf_counter() - started,
+        identities,
     )
 
 
-def _plan_chunks(root: Root, manifest: Manifest, problems: list[Problem]) -> list[_Chunk]:
+def _plan_chunks(root: Root, manifest: Manifest, problems: list[Problem], identities: dict[str, tuple[int, ...]]) -> list[_Chunk]:
     """The chunks to hash; files that are missing, refused, unreadable or resized become problems now."""
     chunks = []
     for name, digest in sorted(manifest.files.items()):
@@ -92,9 +100,11 @@ def _plan_chunks(root: Root, manifest: Manifest, problems: list[Problem]) -> lis
             problems.append(Problem(name, "unreadable", detail=exc.strerror or str(exc)))
             continue
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
         finally:
             os.close(fd)
+        size = st.st_size
+        identities[name] = identity_of(st)  # a later write changes ctime, which no one can set back
         if size != digest.size:
             problems.append(Problem(name, "size", detail=f"{size} bytes, manifest says {digest.size}"))
             continue
@@ -190,6 +200,7 @@ class VerificationRecord:
     ok: bool
     problems: int
     manifest_changed: bool  # the manifest's bytes are not the ones that were verified
+    identities: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # see checkpoint.identity_of
 
 
 def record_verification(report: VerifyReport) -> None:
@@ -200,6 +211,7 @@ def record_verification(report: VerifyReport) -> None:
         "ok": report.ok,
         "problems": len(report.problems),
         "manifest_xxh3_128": _manifest_digest(report.directory),
+        "files": {name: list(identity) for name, identity in report.identities.items()},
     }
     write_file_atomic(report.directory / RECORD_NAME, (json.dumps(doc) + "\n").encode(), 0o644)
 
@@ -215,12 +227,24 @@ def last_verification(directory: Path) -> VerificationRecord | None:
             raise ValueError(f"verified_at {at!r} is not a time")
         if not isinstance(ok, bool) or not (isinstance(problems, int) and not isinstance(problems, bool) and problems >= 0):
             raise ValueError("ok must be true or false and problems a count")
-        return VerificationRecord(float(at), ok, problems, doc.get("manifest_xxh3_128") != _manifest_digest(directory))
+        changed = doc.get("manifest_xxh3_128") != _manifest_digest(directory)
+        return VerificationRecord(float(at), ok, problems, changed, _identities(doc.get("files")))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError, OverflowError, NotRegular) as exc:
         log.warning("%s: ignoring a damaged verification record (%s)", directory / RECORD_NAME, exc)
         return None
+
+
+def _identities(files: object) -> dict[str, tuple[int, ...]]:
+    """The record's file identities; anything malformed is left out (and so never trusted)."""
+    if not isinstance(files, dict):
+        return {}
+    return {
+        name: tuple(value)
+        for name, value in files.items()
+        if isinstance(value, list) and len(value) == 5 and all(type(v) is int for v in value)
+    }
 
 
 def _manifest_digest(directory: Path) -> str | None:

@@ -172,7 +172,7 @@ class Early:
 def stub_daemon(tiny_model: Path, workdir: Path, http: str, state: str = "ready", **env: str) -> Served:
     """A daemon whose engine is tests/stub_engine.py (its python3 must have aiohttp: ours)."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env_extra = {"PREWARM_ENGINE_PYTHON": str(STUB_ENGINE), "PATH": path, **env}
+    env_extra = {"PREWARM_ENGINE_PYTHON": str(STUB_ENGINE), "PREWARM_LOAD_FORMAT": "auto", "PATH": path, **env}
     running = start_daemon(tiny_model, workdir, "--http", http, env_extra=env_extra)
     try:
         wait_for_state(running, state, 120)

@@ -1,0 +1,427 @@
+"""Read a serving directory's weights into tensors fast, checking every byte against the manifest.
+
+Reader threads ``pread`` each manifest chunk into one of a few reused buffers (pinned on a GPU)
+and hash it piece by piece while the piece is still in the CPU's cache, so checking costs no
+second read. The consumer copies each chunk into the tensors it belongs to (asynchronously on a
+GPU, while the readers fill the next buffers) and yields a tensor once all its bytes are in.
+What is yielded is exactly what was hashed: the bytes are copied from the checked buffer, never
+read again. Host memory: ``buffers`` chunks, plus the tensors being assembled, whatever the
+model's size. Needs torch (the engine's process); the daemon never imports this module.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import xxhash
+
+from prewarm.checkpoint import identity_of
+from prewarm.confine import NotRegular, Root, open_regular, root_of
+from prewarm.errors import ExitCode, PrewarmError
+from prewarm.manifest import Manifest, read_manifest
+from prewarm.safetensors import SafetensorsFile, TensorInfo, read_safetensors_header
+from prewarm.verify import RECORD_NAME, last_verification
+
+log = logging.getLogger(__name__)
+
+CHECKS = ("hash", "record")  # record: trust a verification whose files are provably unchanged
+PIECE_BYTES = 1 << 20  # hashed right after it is read, while it is in the CPU's cache
+_DTYPES = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "I16": "int16",
+    "U16": "uint16",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I32": "int32",
+    "U32": "uint32",
+    "F32": "float32",
+    "I64": "int64",
+    "U64": "uint64",
+    "F64": "float64",
+    "C64": "complex64",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "F8_E8M0": "float8_e8m0fnu",
+}
+_HINT = "run `prewarm verify DIR` to see every damaged range, then restore the files or reshard again"
+
+
+@dataclass
+class LoadRefused(PrewarmError):
+    """The directory cannot be loaded as it is: no manifest, or files that are not the manifest's."""
+
+
+@dataclass
+class LoadCheckFailed(PrewarmError):
+    """Bytes that do not match the manifest: nothing of them reached the model."""
+
+    offset: int = 0
+    length: int = 0
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    check: str = "hash"
+    threads: int = 0  # 0: one per core, at most 16
+    buffers: int = 0  # 0: threads + 4
+    piece_bytes: int = PIECE_BYTES
+
+    def __post_init__(self) -> None:
+        if self.check not in CHECKS:
+            raise LoadRefused(f"check must be one of {', '.join(CHECKS)}, not {self.check!r}", exit_code=ExitCode.USAGE)
+        for name in ("threads", "buffers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 256:
+                raise LoadRefused(
+                    f"{name} must be a whole number from 0 (automatic) to 256, not {value!r}", exit_code=ExitCode.USAGE
+                )
+        if not isinstance(self.piece_bytes, int) or not 4096 <= self.piece_bytes <= 1 << 30:
+            raise LoadRefused(f"piece_bytes must be from 4096 to 1 GiB, not {self.piece_bytes!r}", exit_code=ExitCode.USAGE)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, object]) -> LoadOptions:
+        """From vLLM's ``--model-loader-extra-config`` JSON object."""
+        unknown = sorted(set(config) - {"check", "threads", "buffers", "piece_bytes"})
+        if unknown:
+            raise LoadRefused(
+                f"unknown loader setting {unknown[0]!r}",
+                hint="--model-loader-extra-config takes check, threads, buffers and piece_bytes",
+                exit_code=ExitCode.USAGE,
+            )
+        return cls(**config)  # type: ignore[arg-type]  # each field is checked in __post_init__
+
+    def resolved_threads(self) -> int:
+        return self.threads or max(1, min(16, len(os.sched_getaffinity(0))))
+
+    def resolved_buffers(self) -> int:
+        return self.buffers or self.resolved_threads() + 4
+
+
+@dataclass
+class LoadReport:
+    directory: str
+    device: str
+    files: int = 0
+    tensors: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    hashed: bool = True
+    check: str = "hash"
+    threads: int = 0
+    buffers: int = 0
+    buffer_bytes: int = 0
+    read_wait_s: float = 0.0  # the consumer waiting for readers: above zero, reading is the bottleneck
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self) | {"gb_per_s": round(self.gb_per_s, 3), "seconds": round(self.seconds, 4)}
+
+
+@dataclass
+class _Shard:
+    name: str
+    fd: int
+    header: SafetensorsFile
+    head: bytes  # the header's bytes as parsed: the hashed bytes must be these
+    identity: tuple[int, ...]
+    cursor: int = 0  # the first tensor not yet complete
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    shard: int
+    index: int
+    offset: int
+    length: int
+    expected: str | None  # None: not hashed (a trusted verification record)
+
+
+class CheckedReader:
+    """The tensors of every ``*.safetensors`` file the manifest lists, in file then offset order."""
+
+    def __init__(self, directory: Path, device: str | torch.device = "cpu", options: LoadOptions | None = None) -> None:
+        self.directory = Path(directory)
+        self.device = torch.device(device)
+        self.options = options or LoadOptions()
+        self._manifest = _manifest_of(self.directory)
+        self._shards = _open_shards(root_of(self.directory), self.directory, self._manifest)
+        self._hashed = not (self.options.check == "record" and _record_trusted(self.directory, self._shards))
+        self._chunks = list(self._plan())
+        self.report = LoadReport(
+            str(self.directory),
+            str(self.device),
+            files=len(self._shards),
+            bytes=sum(c.length for c in self._chunks),
+            hashed=self._hashed,
+            check=self.options.check,
+            threads=self.options.resolved_threads(),
+            buffers=min(self.options.resolved_buffers(), max(1, len(self._chunks))),
+            buffer_bytes=self._manifest.chunk_size,
+        )
+
+    def close(self) -> None:
+        for shard in self._shards:
+            if shard.fd >= 0:
+                os.close(shard.fd)
+                shard.fd = -1
+
+    def __enter__(self) -> CheckedReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _plan(self) -> Iterator[_Chunk]:
+        size = self._manifest.chunk_size
+        for i, shard in enumerate(self._shards):
+            digest = self._manifest.files[shard.name]
+            for index, expected in enumerate(digest.chunks):
+                offset = index * size
+                yield _Chunk(i, index, offset, min(size, digest.size - offset), expected if self._hashed else None)
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, tensor) on ``device``; raises LoadCheckFailed before yielding a bad byte."""
+        started = time.perf_counter()
+        buffers = _Buffers(self.report.buffers, self._manifest.chunk_size, self.device)
+        pending = iter(self._chunks)
+        inflight: deque[tuple[_Chunk, _Buffer, Future[None]]] = deque()
+        pool = ThreadPoolExecutor(self.report.threads, thread_name_prefix="prewarm-load")
+
+        def submit_next() -> None:
+            chunk = next(pending, None)
+            if chunk is not None:
+                buffer = buffers.take()
+                inflight.append((chunk, buffer, pool.submit(self._read, chunk, buffer)))
+
+        try:
+            for _ in range(self.report.buffers):
+                submit_next()
+            while inflight:
+                chunk, buffer, future = inflight.popleft()
+                waited = time.perf_counter()
+                future.result()
+                self.report.read_wait_s += time.perf_counter() - waited
+                ready = self._place(chunk, buffer)
+                buffers.give(buffer)
+                submit_next()
+                for name, tensor in ready:
+                    self.report.tensors += 1
+                    yield name, tensor
+                if chunk.index == len(self._manifest.files[self._shards[chunk.shard].name].chunks) - 1:
+                    self._finish_shard(self._shards[chunk.shard])
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+            self.report.seconds = time.perf_counter() - started
+        finally:
+            for _, _, future in inflight:
+                future.cancel()
+            pool.shutdown(wait=True)
+            self.close()
+
+    def _read(self, chunk: _Chunk, buffer: _Buffer) -> None:
+        shard = self._shards[chunk.shard]
+        hasher = xxhash.xxh3_128() if chunk.expected is not None else None
+        piece, done = self.options.piece_bytes, 0
+        while done < chunk.length:
+            got = os.preadv(shard.fd, [buffer.view[done : min(chunk.length, done + piece)]], chunk.offset + done)
+            if got == 0:
+                raise LoadRefused("the file shrank while being loaded", str(self.directory / shard.name), hint=_HINT)
+            if hasher is not None:
+                hasher.update(buffer.view[done : done + got])
+            done += got
+        if hasher is not None and hasher.hexdigest() != chunk.expected:
+            end = chunk.offset + chunk.length
+            raise LoadCheckFailed(
+                f"bytes {chunk.offset}-{end - 1} (chunk {chunk.index}) do not match the manifest; nothing was loaded from them",
+                str(self.directory / shard.name),
+                hint=_HINT,
+                offset=chunk.offset,
+                length=chunk.length,
+            )
+
+    def _place(self, chunk: _Chunk, buffer: _Buffer) -> list[tuple[str, torch.Tensor]]:
+        """Copy the chunk's bytes into their tensors; return the tensors it completed."""
+        shard = self._shards[chunk.shard]
+        start, end = chunk.offset, chunk.offset + chunk.length
+        if start < len(shard.head) and bytes(buffer.view[: min(end, len(shard.head)) - start]) != shard.head[start:end]:
+            raise LoadRefused("the header changed while being loaded", str(self.directory / shard.name), hint=_HINT)
+        ready = []
+        tensors = shard.header.tensors
+        while shard.cursor < len(tensors):
+            info = tensors[shard.cursor]
+            if info.begin >= end and not info.begin == info.end == end:
+                break
+            lo, hi = max(info.begin, start), min(info.end, end)
+            if hi > lo:
+                part = shard.parts.get(info.name)
+                if part is None:
+                    part = shard.parts[info.name] = torch.empty(info.nbytes, dtype=torch.uint8, device=self.device)
+                part[lo - info.begin : hi - info.begin].copy_(buffer.tensor[lo - start : hi - start], non_blocking=True)
+            if info.end > end:
+                break
+            raw = shard.parts.pop(info.name, None)
+            if raw is None:
+                raw = torch.empty(0, dtype=torch.uint8, device=self.device)
+            ready.append((info.name, _typed(raw, info)))
+            shard.cursor += 1
+        buffer.copied(self.device)
+        return ready
+
+    def _finish_shard(self, shard: _Shard) -> None:
+        """Trusting a record means trusting the file stayed the same to the end of the read."""
+        if not self._hashed and identity_of(os.fstat(shard.fd)) != shard.identity:
+            raise LoadRefused(
+                "the file changed while being loaded unchecked",
+                str(self.directory / shard.name),
+                hint="load again with check = 'hash'",
+            )
+        os.close(shard.fd)
+        shard.fd = -1
+
+
+class _Buffer:
+    def __init__(self, size: int, device: torch.device) -> None:
+        self.tensor = torch.empty(size, dtype=torch.uint8, pin_memory=device.type == "cuda")
+        self.view = memoryview((ctypes.c_char * size).from_address(self.tensor.data_ptr())).cast("B")
+        self.event: torch.cuda.Event | None = None
+
+    def copied(self, device: torch.device) -> None:
+        """Mark the copies issued from this buffer: it is reused only once they are done."""
+        if device.type == "cuda":
+            self.event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            self.event.record(torch.cuda.current_stream(device))
+
+
+class _Buffers:
+    """At most ``count`` buffers, made as first needed and then reused."""
+
+    def __init__(self, count: int, size: int, device: torch.device) -> None:
+        self.count, self.size, self.device = count, size, device
+        self.made = 0
+        self._free: deque[_Buffer] = deque()
+
+    def take(self) -> _Buffer:
+        if not self._free:
+            if self.made == self.count:
+                raise AssertionError("more buffers taken than given back")
+            self.made += 1
+            return _Buffer(self.size, self.device)
+        buffer = self._free.popleft()
+        if buffer.event is not None:
+            buffer.event.synchronize()
+            buffer.event = None
+        return buffer
+
+    def give(self, buffer: _Buffer) -> None:
+        self._free.append(buffer)
+
+
+def _typed(raw: torch.Tensor, info: TensorInfo) -> torch.Tensor:
+    name = _DTYPES.get(info.dtype)
+    dtype = getattr(torch, name, None) if name else None
+    if dtype is None:
+        raise LoadRefused(f"tensor {info.name!r} has dtype {info.dtype}, which this torch cannot hold")
+    return raw.view(dtype).reshape(info.shape)
+
+
+def _manifest_of(directory: Path) -> Manifest:
+    try:
+        return read_manifest(directory)
+    except PrewarmError as exc:
+        raise LoadRefused(
+            f"the prewarm load format checks every byte against the manifest: {exc.message}",
+            exc.path or str(directory),
+            hint=exc.hint or f"run `prewarm manifest {directory}` on files you trust",
+        ) from None
+
+
+def _open_shards(root: Root, directory: Path, manifest: Manifest) -> list[_Shard]:
+    names = sorted(name for name in manifest.files if name.endswith(".safetensors"))
+    if not names:
+        raise LoadRefused("the manifest lists no .safetensors files", str(directory), hint="point --model at a serving directory")
+    shards: list[_Shard] = []
+    seen: dict[str, str] = {}
+    try:
+        for name in names:
+            shards.append(_open_shard(root, directory, name, manifest))
+            for info in shards[-1].header.tensors:
+                if info.name in seen:
+                    raise LoadRefused(f"tensor {info.name!r} is in both {seen[info.name]} and {name}", str(directory))
+                seen[info.name] = name
+    except BaseException:
+        for shard in shards:
+            os.close(shard.fd)
+        raise
+    return shards
+
+
+def _open_shard(root: Root, directory: Path, name: str, manifest: Manifest) -> _Shard:
+    path = directory / name
+    try:
+        fd = open_regular(root, name)
+    except FileNotFoundError:
+        raise LoadRefused("a file the manifest lists is missing", str(path), hint=_HINT) from None
+    except NotRegular as why:
+        raise LoadRefused(f"refused: {why.reason}", str(path), hint=_HINT) from None
+    except OSError as exc:
+        raise LoadRefused(f"cannot open: {exc.strerror}", str(path)) from None
+    try:
+        st = os.fstat(fd)
+        if st.st_size != manifest.files[name].size:
+            raise LoadRefused(f"{st.st_size} bytes, the manifest says {manifest.files[name].size}", str(path), hint=_HINT)
+        header = read_safetensors_header(path, fd)
+        head = os.pread(fd, header.data_start, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return _Shard(name, fd, header, head, identity_of(st))
+
+
+def _record_trusted(directory: Path, shards: list[_Shard]) -> bool:
+    """A passed verification of these very files: same manifest bytes, and every file's size,
+    mtime, ctime and inode as when it was hashed (ctime cannot be set back, mtime can)."""
+    writable = _writable_by_others(directory)
+    if writable:
+        log.warning("%s: %s; hashing every byte", directory, writable)
+        return False
+    record = last_verification(directory)
+    if record is None or not record.ok or record.manifest_changed:
+        why = "no passed verification on record" if record is None or not record.ok else "the manifest changed since"
+        log.warning("%s: %s; hashing every byte", directory, why)
+        return False
+    changed = [s.name for s in shards if record.identities.get(s.name) != s.identity]
+    if changed:
+        log.warning("%s: %s changed since it was verified; hashing every byte", directory, changed[0])
+        return False
+    return True
+
+
+def _writable_by_others(directory: Path) -> str | None:
+    """Why a record here could have been planted by someone we do not trust, or None."""
+    for path in (directory, directory / RECORD_NAME):
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None  # no record: last_verification says so
+        if st.st_uid not in (0, os.geteuid()):
+            return f"{path} belongs to uid {st.st_uid}, so its verification record is not trusted"
+        if st.st_mode & 0o022:
+            return f"{path} is writable by others, so its verification record is not trusted"
+    return None
