@@ -224,6 +224,18 @@ def main() -> int:
         "read_only_gb_s_16_threads": round(read_ceiling(directory, 16, hash_it=False), 2),
         "read_hash_gb_s_16_threads": round(read_ceiling(directory, 16, hash_it=True), 2),
     }
+    fresh_memory()
+    began = time.perf_counter()
+    pinned = [torch.empty(16 * 2**20, dtype=torch.uint8, pin_memory=True) for _ in range(LoadOptions().resolved_buffers())]
+    ceiling["pinned_alloc_s_default_buffers"] = round(time.perf_counter() - began, 4)
+    del pinned
+    reports = {}
+    for check in ("hash", "record"):
+        fresh_memory()
+        reader = CheckedReader(directory, "cuda", LoadOptions(check=check))
+        for _ in reader.tensors():
+            pass
+        reports[check] = reader.report.as_dict()
     identity = check_identity(directory)
     baseline = statistics.median(times["safe_open_to"])
     results = {
@@ -248,6 +260,7 @@ def main() -> int:
         "rounds": args.rounds,
         "results": results,
         "ceilings": ceiling,
+        "reports": reports,
         "identity": identity,
     }
     print(json.dumps(doc, indent=1) if args.json else _table(doc))

@@ -11,6 +11,7 @@ model's size. Needs torch (the engine's process); the daemon never imports this 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -140,7 +141,8 @@ class _Shard:
     header: SafetensorsFile
     head: bytes  # the header's bytes as parsed: the hashed bytes must be these
     identity: tuple[int, ...]
-    cursor: int = 0  # the first tensor not yet complete
+    allocated: int = 0  # the first tensor whose last chunk has not yet been handed to a reader
+    completed: int = 0  # the first tensor not yet yielded
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -164,6 +166,7 @@ class CheckedReader:
         self._shards = _open_shards(root_of(self.directory), self.directory, self._manifest)
         self._hashed = not (self.options.check == "record" and _record_trusted(self.directory, self._shards))
         self._chunks = list(self._plan())
+        self._stream: torch.cuda.Stream | None = None  # the consumer's CUDA stream: copies go on it
         self.report = LoadReport(
             str(self.directory),
             str(self.device),
@@ -197,8 +200,14 @@ class CheckedReader:
                 yield _Chunk(i, index, offset, min(size, digest.size - offset), expected if self._hashed else None)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (name, tensor) on ``device``; raises LoadCheckFailed before yielding a bad byte."""
+        """Yield (name, tensor) on ``device``; raises LoadCheckFailed before yielding a bad byte.
+
+        The main thread allocates each chunk's tensors as it hands the chunk to a reader; the
+        reader reads, hashes and then copies the chunk into them itself (on a GPU, asynchronously
+        on the current stream, which orders them before the model's use); the main thread takes
+        finished chunks in order and yields the tensors they complete."""
         started = time.perf_counter()
+        self._stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         buffers = _Buffers(self.report.buffers, self._manifest.chunk_size, self.device)
         pending = iter(self._chunks)
         inflight: deque[tuple[_Chunk, _Buffer, Future[None]]] = deque()
@@ -207,8 +216,9 @@ class CheckedReader:
         def submit_next() -> None:
             chunk = next(pending, None)
             if chunk is not None:
+                copies = self._allocate(chunk)
                 buffer = buffers.take()
-                inflight.append((chunk, buffer, pool.submit(self._read, chunk, buffer)))
+                inflight.append((chunk, buffer, pool.submit(self._read, chunk, buffer, copies)))
 
         try:
             for _ in range(self.report.buffers):
@@ -218,16 +228,15 @@ class CheckedReader:
                 waited = time.perf_counter()
                 future.result()
                 self.report.read_wait_s += time.perf_counter() - waited
-                ready = self._place(chunk, buffer)
                 buffers.give(buffer)
                 submit_next()
-                for name, tensor in ready:
+                for name, tensor in self._completed(chunk):
                     self.report.tensors += 1
                     yield name, tensor
                 if chunk.index == len(self._manifest.files[self._shards[chunk.shard].name].chunks) - 1:
                     self._finish_shard(self._shards[chunk.shard])
-            if self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).synchronize()
+            if self._stream is not None:
+                self._stream.synchronize()
             self.report.seconds = time.perf_counter() - started
         finally:
             for _, _, future in inflight:
@@ -235,10 +244,31 @@ class CheckedReader:
             pool.shutdown(wait=True)
             self.close()
 
-    def _read(self, chunk: _Chunk, buffer: _Buffer) -> None:
+    def _allocate(self, chunk: _Chunk) -> list[tuple[torch.Tensor, int, int]]:
+        """The tensors (new ones allocated now) that the chunk's bytes go to: (target, from, to)
+        with from/to relative to the chunk."""
+        shard = self._shards[chunk.shard]
+        start, end = chunk.offset, chunk.offset + chunk.length
+        tensors, copies = shard.header.tensors, []
+        while shard.allocated < len(tensors) and tensors[shard.allocated].begin < end:
+            info = tensors[shard.allocated]
+            lo, hi = max(info.begin, start), min(info.end, end)
+            if hi > lo:
+                part = shard.parts.get(info.name)
+                if part is None:
+                    part = shard.parts[info.name] = torch.empty(info.nbytes, dtype=torch.uint8, device=self.device)
+                copies.append((part[lo - info.begin : hi - info.begin], lo - start, hi - start))
+            if info.end > end:
+                break
+            shard.allocated += 1
+        return copies
+
+    def _read(self, chunk: _Chunk, buffer: _Buffer, copies: list[tuple[torch.Tensor, int, int]]) -> None:
+        """In a reader thread: read the chunk, hash it, and only if it matches copy it out."""
+        buffer.wait_copied()
         shard = self._shards[chunk.shard]
         hasher = xxhash.xxh3_128() if chunk.expected is not None else None
-        piece, done = self.options.piece_bytes, 0
+        piece, done = self.options.piece_bytes if hasher else chunk.length, 0
         while done < chunk.length:
             got = os.preadv(shard.fd, [buffer.view[done : min(chunk.length, done + piece)]], chunk.offset + done)
             if got == 0:
@@ -255,33 +285,26 @@ class CheckedReader:
                 offset=chunk.offset,
                 length=chunk.length,
             )
-
-    def _place(self, chunk: _Chunk, buffer: _Buffer) -> list[tuple[str, torch.Tensor]]:
-        """Copy the chunk's bytes into their tensors; return the tensors it completed."""
-        shard = self._shards[chunk.shard]
-        start, end = chunk.offset, chunk.offset + chunk.length
-        if start < len(shard.head) and bytes(buffer.view[: min(end, len(shard.head)) - start]) != shard.head[start:end]:
+        head = shard.head[chunk.offset : chunk.offset + chunk.length]
+        if head and bytes(buffer.view[: len(head)]) != head:
             raise LoadRefused("the header changed while being loaded", str(self.directory / shard.name), hint=_HINT)
-        ready = []
-        tensors = shard.header.tensors
-        while shard.cursor < len(tensors):
-            info = tensors[shard.cursor]
-            if info.begin >= end and not info.begin == info.end == end:
-                break
-            lo, hi = max(info.begin, start), min(info.end, end)
-            if hi > lo:
-                part = shard.parts.get(info.name)
-                if part is None:
-                    part = shard.parts[info.name] = torch.empty(info.nbytes, dtype=torch.uint8, device=self.device)
-                part[lo - info.begin : hi - info.begin].copy_(buffer.tensor[lo - start : hi - start], non_blocking=True)
-            if info.end > end:
-                break
+        with contextlib.nullcontext() if self._stream is None else torch.cuda.stream(self._stream):
+            for target, lo, hi in copies:
+                target.copy_(buffer.tensor[lo:hi], non_blocking=True)
+        buffer.copied(self._stream)
+
+    def _completed(self, chunk: _Chunk) -> list[tuple[str, torch.Tensor]]:
+        """The tensors whose last bytes were in ``chunk`` (read and copied, in order)."""
+        shard = self._shards[chunk.shard]
+        end = chunk.offset + chunk.length
+        ready, tensors = [], shard.header.tensors
+        while shard.completed < len(tensors) and tensors[shard.completed].end <= end:
+            info = tensors[shard.completed]
             raw = shard.parts.pop(info.name, None)
-            if raw is None:
+            if raw is None:  # no bytes: a tensor with a zero in its shape
                 raw = torch.empty(0, dtype=torch.uint8, device=self.device)
             ready.append((info.name, _typed(raw, info)))
-            shard.cursor += 1
-        buffer.copied(self.device)
+            shard.completed += 1
         return ready
 
     def _finish_shard(self, shard: _Shard) -> None:
@@ -302,11 +325,16 @@ class _Buffer:
         self.view = memoryview((ctypes.c_char * size).from_address(self.tensor.data_ptr())).cast("B")
         self.event: torch.cuda.Event | None = None
 
-    def copied(self, device: torch.device) -> None:
-        """Mark the copies issued from this buffer: it is reused only once they are done."""
-        if device.type == "cuda":
+    def copied(self, stream: torch.cuda.Stream | None) -> None:
+        """Mark the copies issued from this buffer: it is refilled only once they are done."""
+        if stream is not None:
             self.event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            self.event.record(torch.cuda.current_stream(device))
+            self.event.record(stream)
+
+    def wait_copied(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
 
 
 class _Buffers:
@@ -323,11 +351,7 @@ class _Buffers:
                 raise AssertionError("more buffers taken than given back")
             self.made += 1
             return _Buffer(self.size, self.device)
-        buffer = self._free.popleft()
-        if buffer.event is not None:
-            buffer.event.synchronize()
-            buffer.event = None
-        return buffer
+        return self._free.popleft()
 
     def give(self, buffer: _Buffer) -> None:
         self._free.append(buffer)
