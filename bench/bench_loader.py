@@ -182,7 +182,7 @@ def main() -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="1.0: Qwen2.5-7B's shapes, 15.23 GB")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", default="8,16", help="reader threads to try, comma-separated")
-    parser.add_argument("--pieces-kib", default="1024,16384", help="hash piece sizes to try (16384 = whole chunk)")
+    parser.add_argument("--pieces-kib", default="1024,4096", help="buffer (read, hash and copy piece) sizes to try")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -226,8 +226,14 @@ def main() -> int:
     }
     fresh_memory()
     began = time.perf_counter()
-    pinned = [torch.empty(16 * 2**20, dtype=torch.uint8, pin_memory=True) for _ in range(LoadOptions().resolved_buffers())]
+    default = LoadOptions()
+    count = default.resolved_threads() * default.buffers
+    pinned = [torch.empty(default.piece_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(count)]
     ceiling["pinned_alloc_s_default_buffers"] = round(time.perf_counter() - began, 4)
+    fresh_memory()
+    began = time.perf_counter()
+    pinned = [torch.empty(16 * 2**20, dtype=torch.uint8, pin_memory=True) for _ in range(20)]
+    ceiling["pinned_alloc_s_20x16MiB"] = round(time.perf_counter() - began, 4)
     del pinned
     reports = {}
     for check in ("hash", "record"):

@@ -105,7 +105,7 @@ class DaemonSettings:
     engine_python: str | None = None  # the Python that runs vLLM (default: prewarm's own)
     load_format: str = "prewarm"  # vLLM's --load-format: prewarm's checked reader, or e.g. "auto"
     load_check: str = "hash"  # hash every byte as it loads, or "record": trust a verification of unchanged files
-    load_buffers: int = 0  # the reader's host buffers of 16 MiB (0: one per reader thread + 4)
+    load_buffers: int = 0  # the reader's host buffers of 4 MiB per reader thread (0: its default, 2)
 
     def load_options(self) -> dict[str, object]:
         """The prewarm format's --model-loader-extra-config: only what differs from its defaults."""

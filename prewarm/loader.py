@@ -1,12 +1,15 @@
 """Read a serving directory's weights into tensors fast, checking every byte against the manifest.
 
-Reader threads ``pread`` each manifest chunk into one of a few reused buffers (pinned on a GPU)
-and hash it piece by piece while the piece is still in the CPU's cache, so checking costs no
-second read. The consumer copies each chunk into the tensors it belongs to (asynchronously on a
-GPU, while the readers fill the next buffers) and yields a tensor once all its bytes are in.
-What is yielded is exactly what was hashed: the bytes are copied from the checked buffer, never
-read again. Host memory: ``buffers`` chunks, plus the tensors being assembled, whatever the
-model's size. Needs torch (the engine's process); the daemon never imports this module.
+Reader threads each take a manifest chunk (16 MiB) and read it piece by piece into a small ring
+of their own buffers (pinned on a GPU). Each piece is hashed while it is still in the CPU's cache
+and then copied out of that same buffer into the tensors it belongs to (asynchronously on a GPU,
+while the thread reads its next piece), so checking costs no second read and what is copied is
+exactly what was hashed. The main thread hands chunks out in order and takes them back in order;
+a tensor is yielded only once every chunk holding its bytes has matched the manifest, so a bad
+byte stops the load before the model sees any tensor it touched. Host memory: ``threads x
+buffers x piece_bytes`` (pinned buffers are slow to make: few and small), plus the tensors being
+assembled, whatever the model's size. Needs torch (the engine's process); the daemon never
+imports this module.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -35,7 +39,8 @@ from prewarm.verify import RECORD_NAME, last_verification
 log = logging.getLogger(__name__)
 
 CHECKS = ("hash", "record")  # record: trust a verification whose files are provably unchanged
-PIECE_BYTES = 1 << 20  # hashed right after it is read, while it is in the CPU's cache
+PIECE_BYTES = 4 << 20  # read, hashed while in the CPU's cache, then copied out (measured: BENCHMARKS.md)
+READ_AHEAD = 2  # chunks in flight per reader thread: the tensors they fill are allocated ahead
 _DTYPES = {
     "BOOL": "bool",
     "U8": "uint8",
@@ -77,7 +82,7 @@ class LoadCheckFailed(PrewarmError):
 class LoadOptions:
     check: str = "hash"
     threads: int = 0  # 0: one per core, at most 16
-    buffers: int = 0  # 0: threads + 4
+    buffers: int = 2  # per reader thread: one is read and hashed while another's copy runs
     piece_bytes: int = PIECE_BYTES
 
     def __post_init__(self) -> None:
@@ -107,8 +112,9 @@ class LoadOptions:
     def resolved_threads(self) -> int:
         return self.threads or max(1, min(16, len(os.sched_getaffinity(0))))
 
-    def resolved_buffers(self) -> int:
-        return self.buffers or self.resolved_threads() + 4
+    def host_bytes(self) -> int:
+        """The most host memory the reader's buffers take."""
+        return self.resolved_threads() * self.buffers * self.piece_bytes
 
 
 @dataclass
@@ -122,8 +128,9 @@ class LoadReport:
     hashed: bool = True
     check: str = "hash"
     threads: int = 0
-    buffers: int = 0
+    buffers: int = 0  # per reader thread
     buffer_bytes: int = 0
+    buffers_made: int = 0  # in all: at most threads x buffers
     read_wait_s: float = 0.0  # the consumer waiting for readers: above zero, reading is the bottleneck
 
     @property
@@ -167,6 +174,8 @@ class CheckedReader:
         self._hashed = not (self.options.check == "record" and _record_trusted(self.directory, self._shards))
         self._chunks = list(self._plan())
         self._stream: torch.cuda.Stream | None = None  # the consumer's CUDA stream: copies go on it
+        self._local = threading.local()
+        self._rings: list[_Ring] = []
         self.report = LoadReport(
             str(self.directory),
             str(self.device),
@@ -175,8 +184,8 @@ class CheckedReader:
             hashed=self._hashed,
             check=self.options.check,
             threads=self.options.resolved_threads(),
-            buffers=min(self.options.resolved_buffers(), max(1, len(self._chunks))),
-            buffer_bytes=self._manifest.chunk_size,
+            buffers=self.options.buffers,
+            buffer_bytes=self.options.piece_bytes,
         )
 
     def close(self) -> None:
@@ -202,33 +211,29 @@ class CheckedReader:
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, tensor) on ``device``; raises LoadCheckFailed before yielding a bad byte.
 
-        The main thread allocates each chunk's tensors as it hands the chunk to a reader; the
-        reader reads, hashes and then copies the chunk into them itself (on a GPU, asynchronously
-        on the current stream, which orders them before the model's use); the main thread takes
-        finished chunks in order and yields the tensors they complete."""
+        The main thread allocates a chunk's tensors as it hands the chunk to a reader; the reader
+        reads, hashes and copies (on a GPU asynchronously, on the consumer's stream, which orders
+        the copies before the model's use); the main thread takes chunks back in order and yields
+        the tensors they complete."""
         started = time.perf_counter()
         self._stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        buffers = _Buffers(self.report.buffers, self._manifest.chunk_size, self.device)
         pending = iter(self._chunks)
-        inflight: deque[tuple[_Chunk, _Buffer, Future[None]]] = deque()
+        inflight: deque[tuple[_Chunk, Future[None]]] = deque()
         pool = ThreadPoolExecutor(self.report.threads, thread_name_prefix="prewarm-load")
 
         def submit_next() -> None:
             chunk = next(pending, None)
             if chunk is not None:
-                copies = self._allocate(chunk)
-                buffer = buffers.take()
-                inflight.append((chunk, buffer, pool.submit(self._read, chunk, buffer, copies)))
+                inflight.append((chunk, pool.submit(self._read, chunk, self._allocate(chunk))))
 
         try:
-            for _ in range(self.report.buffers):
+            for _ in range(self.report.threads * READ_AHEAD):
                 submit_next()
             while inflight:
-                chunk, buffer, future = inflight.popleft()
+                chunk, future = inflight.popleft()
                 waited = time.perf_counter()
                 future.result()
                 self.report.read_wait_s += time.perf_counter() - waited
-                buffers.give(buffer)
                 submit_next()
                 for name, tensor in self._completed(chunk):
                     self.report.tensors += 1
@@ -239,9 +244,11 @@ class CheckedReader:
                 self._stream.synchronize()
             self.report.seconds = time.perf_counter() - started
         finally:
-            for _, _, future in inflight:
+            for _, future in inflight:
                 future.cancel()
             pool.shutdown(wait=True)
+            self.report.buffers_made = sum(len(ring.buffers) for ring in self._rings)
+            self._rings.clear()  # the pinned buffers go back now, not when the reader is collected
             self.close()
 
     def _allocate(self, chunk: _Chunk) -> list[tuple[torch.Tensor, int, int]]:
@@ -263,35 +270,56 @@ class CheckedReader:
             shard.allocated += 1
         return copies
 
-    def _read(self, chunk: _Chunk, buffer: _Buffer, copies: list[tuple[torch.Tensor, int, int]]) -> None:
-        """In a reader thread: read the chunk, hash it, and only if it matches copy it out."""
-        buffer.wait_copied()
-        shard = self._shards[chunk.shard]
+    def _read(self, chunk: _Chunk, copies: list[tuple[torch.Tensor, int, int]]) -> None:
+        """In a reader thread: the chunk, piece by piece, read, hashed, then copied out."""
+        ring, shard = self._ring(), self._shards[chunk.shard]
         hasher = xxhash.xxh3_128() if chunk.expected is not None else None
-        piece, done = self.options.piece_bytes if hasher else chunk.length, 0
+        done = 0
         while done < chunk.length:
-            got = os.preadv(shard.fd, [buffer.view[done : min(chunk.length, done + piece)]], chunk.offset + done)
-            if got == 0:
-                raise LoadRefused("the file shrank while being loaded", str(self.directory / shard.name), hint=_HINT)
+            buffer = ring.next()
+            piece = buffer.view[: min(buffer.size, chunk.length - done)]
+            self._read_exactly(shard, piece, chunk.offset + done)
             if hasher is not None:
-                hasher.update(buffer.view[done : done + got])
-            done += got
+                hasher.update(piece)
+            self._check_head(shard, chunk.offset + done, piece)
+            with contextlib.nullcontext() if self._stream is None else torch.cuda.stream(self._stream):
+                for target, lo, hi in copies:
+                    a, b = max(lo, done), min(hi, done + len(piece))
+                    if b > a:
+                        target[a - lo : b - lo].copy_(buffer.tensor[a - done : b - done], non_blocking=True)
+            buffer.copied(self._stream)
+            done += len(piece)
         if hasher is not None and hasher.hexdigest() != chunk.expected:
             end = chunk.offset + chunk.length
             raise LoadCheckFailed(
-                f"bytes {chunk.offset}-{end - 1} (chunk {chunk.index}) do not match the manifest; nothing was loaded from them",
+                f"bytes {chunk.offset}-{end - 1} (chunk {chunk.index}) do not match the manifest; "
+                "no tensor with bytes there was loaded",
                 str(self.directory / shard.name),
                 hint=_HINT,
                 offset=chunk.offset,
                 length=chunk.length,
             )
-        head = shard.head[chunk.offset : chunk.offset + chunk.length]
-        if head and bytes(buffer.view[: len(head)]) != head:
+
+    def _ring(self) -> _Ring:
+        ring: _Ring | None = getattr(self._local, "ring", None)
+        if ring is None:
+            ring = self._local.ring = _Ring(self.options.buffers, self.options.piece_bytes, self.device)
+            self._rings.append(ring)
+        return ring
+
+    def _read_exactly(self, shard: _Shard, into: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(into):
+            got = os.preadv(shard.fd, [into[done:]], offset + done)
+            if got == 0:
+                raise LoadRefused("the file shrank while being loaded", str(self.directory / shard.name), hint=_HINT)
+            done += got
+
+    def _check_head(self, shard: _Shard, offset: int, piece: memoryview) -> None:
+        """The header's bytes as read now must be the ones parsed when the file was opened."""
+        head = shard.head[offset : offset + len(piece)]
+        if head and bytes(piece[: len(head)]) != head:
             raise LoadRefused("the header changed while being loaded", str(self.directory / shard.name), hint=_HINT)
-        with contextlib.nullcontext() if self._stream is None else torch.cuda.stream(self._stream):
-            for target, lo, hi in copies:
-                target.copy_(buffer.tensor[lo:hi], non_blocking=True)
-        buffer.copied(self._stream)
 
     def _completed(self, chunk: _Chunk) -> list[tuple[str, torch.Tensor]]:
         """The tensors whose last bytes were in ``chunk`` (read and copied, in order)."""
@@ -321,6 +349,7 @@ class CheckedReader:
 
 class _Buffer:
     def __init__(self, size: int, device: torch.device) -> None:
+        self.size = size
         self.tensor = torch.empty(size, dtype=torch.uint8, pin_memory=device.type == "cuda")
         self.view = memoryview((ctypes.c_char * size).from_address(self.tensor.data_ptr())).cast("B")
         self.event: torch.cuda.Event | None = None
@@ -337,24 +366,22 @@ class _Buffer:
             self.event = None
 
 
-class _Buffers:
-    """At most ``count`` buffers, made as first needed and then reused."""
+class _Ring:
+    """One reader thread's buffers, made as first needed, then reused in turn."""
 
     def __init__(self, count: int, size: int, device: torch.device) -> None:
         self.count, self.size, self.device = count, size, device
-        self.made = 0
-        self._free: deque[_Buffer] = deque()
+        self.buffers: list[_Buffer] = []
+        self.turn = 0
 
-    def take(self) -> _Buffer:
-        if not self._free:
-            if self.made == self.count:
-                raise AssertionError("more buffers taken than given back")
-            self.made += 1
-            return _Buffer(self.size, self.device)
-        return self._free.popleft()
-
-    def give(self, buffer: _Buffer) -> None:
-        self._free.append(buffer)
+    def next(self) -> _Buffer:
+        if len(self.buffers) < self.count:
+            self.buffers.append(_Buffer(self.size, self.device))
+            return self.buffers[-1]
+        buffer = self.buffers[self.turn % self.count]
+        self.turn += 1
+        buffer.wait_copied()
+        return buffer
 
 
 def _typed(raw: torch.Tensor, info: TensorInfo) -> torch.Tensor:
