@@ -7,7 +7,7 @@ cache, rotated rounds, in one process:
 - ``safe_open_to``: safe_open, get_tensor, ``.to("cuda")`` per tensor (vLLM's default iterator);
 - ``load_file_cuda``: ``safetensors.torch.load_file(device="cuda")`` per shard;
 - ``prewarm_hash``: prewarm.loader.CheckedReader onto cuda, every 16 MiB chunk hashed;
-- ``prewarm_trust``: the same with ``check = "record"`` after a passed verification (no hashing);
+- ``prewarm_record``: the same with ``check = "record"`` after a passed verification (no hashing);
 - variants of threads and hash piece size, and two ceilings measured in the same run: pinned
   host-to-device copies, and reading (and hashing) the page cache into pinned buffers alone.
 
@@ -181,8 +181,9 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=Path("/tmp/bench-loader"))
     parser.add_argument("--scale", type=float, default=1.0, help="1.0: Qwen2.5-7B's shapes, 15.23 GB")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", default="8,16", help="reader threads to try, comma-separated")
-    parser.add_argument("--pieces-kib", default="1024,4096", help="buffer (read, hash and copy piece) sizes to try")
+    parser.add_argument(
+        "--variants", default="t16:p8192:b2,t8:p16384:b2", help="reader settings to try besides the defaults: tTHREADS:pKIB:bBUFFERS,..."
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -200,13 +201,13 @@ def main() -> int:
     torch.zeros(1, device="cuda")  # the CUDA context, outside every timing
 
     methods: dict[str, Callable[[Path], int]] = {"safe_open_to": safe_open_to, "load_file_cuda": load_file_cuda}
-    for threads in map(int, args.threads.split(",")):
-        for piece in map(int, args.pieces_kib.split(",")):
-            options = LoadOptions(threads=threads, piece_bytes=piece * 1024)
-            methods[f"prewarm_hash_t{threads}_p{piece}k"] = prewarm_reader(options)
-        methods[f"prewarm_trust_t{threads}"] = prewarm_reader(LoadOptions(check="record", threads=threads))
+    for variant in filter(None, args.variants.split(",")):
+        threads, piece, buffers = (int(part[1:]) for part in variant.split(":"))
+        for check in ("hash", "record"):
+            options = LoadOptions(check=check, threads=threads, piece_bytes=piece * 1024, buffers=buffers)
+            methods[f"prewarm_{check}_t{threads}_p{piece}k_b{buffers}"] = prewarm_reader(options)
     methods["prewarm_hash_default"] = prewarm_reader(LoadOptions())
-    methods["prewarm_trust_default"] = prewarm_reader(LoadOptions(check="record"))
+    methods["prewarm_record_default"] = prewarm_reader(LoadOptions(check="record"))
 
     times: dict[str, list[float]] = {name: [] for name in methods}
     for round_ in range(args.rounds):

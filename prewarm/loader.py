@@ -14,7 +14,6 @@ imports this module.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import os
@@ -39,7 +38,7 @@ from prewarm.verify import RECORD_NAME, last_verification
 log = logging.getLogger(__name__)
 
 CHECKS = ("hash", "record")  # record: trust a verification whose files are provably unchanged
-PIECE_BYTES = 4 << 20  # read, hashed while in the CPU's cache, then copied out (measured: BENCHMARKS.md)
+PIECE_BYTES = 8 << 20  # read, hashed while in the CPU's cache, then copied out (measured: BENCHMARKS.md)
 READ_AHEAD = 2  # chunks in flight per reader thread: the tensors they fill are allocated ahead
 _DTYPES = {
     "BOOL": "bool",
@@ -81,7 +80,7 @@ class LoadCheckFailed(PrewarmError):
 @dataclass(frozen=True)
 class LoadOptions:
     check: str = "hash"
-    threads: int = 0  # 0: one per core, at most 16
+    threads: int = 0  # 0: one per core, at most 8 (measured: more is slower, BENCHMARKS.md)
     buffers: int = 2  # per reader thread: one is read and hashed while another's copy runs
     piece_bytes: int = PIECE_BYTES
 
@@ -110,7 +109,7 @@ class LoadOptions:
         return cls(**config)  # type: ignore[arg-type]  # each field is checked in __post_init__
 
     def resolved_threads(self) -> int:
-        return self.threads or max(1, min(16, len(os.sched_getaffinity(0))))
+        return self.threads or max(1, min(8, len(os.sched_getaffinity(0))))
 
     def host_bytes(self) -> int:
         """The most host memory the reader's buffers take."""
@@ -282,11 +281,10 @@ class CheckedReader:
             if hasher is not None:
                 hasher.update(piece)
             self._check_head(shard, chunk.offset + done, piece)
-            with contextlib.nullcontext() if self._stream is None else torch.cuda.stream(self._stream):
-                for target, lo, hi in copies:
-                    a, b = max(lo, done), min(hi, done + len(piece))
-                    if b > a:
-                        target[a - lo : b - lo].copy_(buffer.tensor[a - done : b - done], non_blocking=True)
+            for target, lo, hi in copies:
+                a, b = max(lo, done), min(hi, done + len(piece))
+                if b > a:
+                    target[a - lo : b - lo].copy_(buffer.tensor[a - done : b - done], non_blocking=True)
             buffer.copied(self._stream)
             done += len(piece)
         if hasher is not None and hasher.hexdigest() != chunk.expected:
@@ -303,6 +301,8 @@ class CheckedReader:
     def _ring(self) -> _Ring:
         ring: _Ring | None = getattr(self._local, "ring", None)
         if ring is None:
+            if self._stream is not None:  # this thread's copies go on the consumer's stream, in order before its use
+                torch.cuda.set_stream(self._stream)
             ring = self._local.ring = _Ring(self.options.buffers, self.options.piece_bytes, self.device)
             self._rings.append(ring)
         return ring
@@ -352,18 +352,19 @@ class _Buffer:
         self.size = size
         self.tensor = torch.empty(size, dtype=torch.uint8, pin_memory=device.type == "cuda")
         self.view = memoryview((ctypes.c_char * size).from_address(self.tensor.data_ptr())).cast("B")
-        self.event: torch.cuda.Event | None = None
+        self.event = torch.cuda.Event() if device.type == "cuda" else None  # type: ignore[no-untyped-call]
+        self.pending = False
 
     def copied(self, stream: torch.cuda.Stream | None) -> None:
         """Mark the copies issued from this buffer: it is refilled only once they are done."""
-        if stream is not None:
-            self.event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        if stream is not None and self.event is not None:
             self.event.record(stream)
+            self.pending = True
 
     def wait_copied(self) -> None:
-        if self.event is not None:
+        if self.pending and self.event is not None:
             self.event.synchronize()
-            self.event = None
+            self.pending = False
 
 
 class _Ring:
