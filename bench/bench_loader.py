@@ -182,7 +182,7 @@ def main() -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="1.0: Qwen2.5-7B's shapes, 15.23 GB")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
-        "--variants", default="t16:p8192:b2,t8:p16384:b2", help="reader settings to try besides the defaults: tTHREADS:pKIB:bBUFFERS,..."
+        "--variants", default="t16:p8192:b2,t8:p16384:b2", help="reader settings to try too: tTHREADS:pKIB:bBUFFERS,..."
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
