@@ -80,7 +80,7 @@ class LoadCheckFailed(PrewarmError):
 @dataclass(frozen=True)
 class LoadOptions:
     check: str = "hash"
-    threads: int = 0  # 0: one per core, at most 8 (measured: more is slower, BENCHMARKS.md)
+    threads: int = 0  # 0: one per core, at most 12 (measured on an H200 host: 16 is slower, BENCHMARKS.md)
     buffers: int = 2  # per reader thread: one is read and hashed while another's copy runs
     piece_bytes: int = PIECE_BYTES
 
@@ -109,7 +109,7 @@ class LoadOptions:
         return cls(**config)  # type: ignore[arg-type]  # each field is checked in __post_init__
 
     def resolved_threads(self) -> int:
-        return self.threads or max(1, min(8, len(os.sched_getaffinity(0))))
+        return self.threads or max(1, min(12, len(os.sched_getaffinity(0))))
 
     def host_bytes(self) -> int:
         """The most host memory the reader's buffers take."""
