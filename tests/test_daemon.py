@@ -184,6 +184,12 @@ def test_health_status_and_phase_timings(daemon: Running) -> None:
     assert status["engine"]["pid"] > 0 and status["model"]["served_name"] == "model"
     assert status["handoff_socket"] == str(daemon.socket) + ".handoff"
     assert any(m.startswith("STATUS=") for m in daemon.messages)
+    engine = status["engine"]
+    assert engine["load_format"] == "prewarm" and "--load-format" in json.loads(engine["command"]), engine
+    shards = sorted(Path(status["model"]["serving_dir"]).glob("*.safetensors"))
+    load = engine["load"]
+    assert load["hashed"] is True and load["bytes"] == sum(p.stat().st_size for p in shards) > 0, load
+    assert load["files"] == len(shards) and load["seconds"] > 0 and load["tensors"] > 0, load
 
 
 def test_streaming_chat_completion_arrives_in_pieces(daemon: Running) -> None:
