@@ -434,7 +434,7 @@ class Daemon:
         if not keep_failure:
             self.failure = None
         self.ready.set()
-        self.set_state("ready", f"{engine.spec.served_name} on {self.settings.socket}")
+        self.set_state("ready", f"{engine.spec.served_name} on {self.settings.socket}{_load_note(engine.load_report())}")
         self.notifier.ready(f"ready: {engine.spec.served_name}")
         self.ever_ready = True
         died = asyncio.create_task(engine.wait())
@@ -590,3 +590,13 @@ def _changed_files(prepared: Prepared) -> list[str]:
 
 def run_daemon(settings: DaemonSettings, env: dict[str, str], systemd: dict[str, str]) -> int:
     return asyncio.run(Daemon(settings, env, systemd).run())
+
+
+def _load_note(report: dict[str, Any] | None) -> str:
+    """What the prewarm load format reported, for the log and systemd's status line."""
+    try:
+        size, seconds = format_size(int(report["bytes"])), float(report["seconds"])  # type: ignore[index]
+        how = "every byte hashed" if report["hashed"] else "unchanged since verified"  # type: ignore[index]
+    except (TypeError, KeyError, ValueError):
+        return ""
+    return f" (weights: {size} in {seconds:.2f} s, {how})"

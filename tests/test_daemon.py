@@ -190,6 +190,7 @@ def test_health_status_and_phase_timings(daemon: Running) -> None:
     load = engine["load"]
     assert load["hashed"] is True and load["bytes"] == sum(p.stat().st_size for p in shards) > 0, load
     assert load["files"] == len(shards) and load["seconds"] > 0 and load["tensors"] > 0, load
+    assert any("weights:" in m and "every byte hashed" in m for m in daemon.messages), daemon.messages
 
 
 def test_streaming_chat_completion_arrives_in_pieces(daemon: Running) -> None:
