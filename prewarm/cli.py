@@ -731,6 +731,20 @@ def _daemon_status(socket: Path, as_json: bool) -> None:
         sys.exit(int(ExitCode.CHECK_FAILED))
 
 
+def _say_load(engine: dict[str, Any]) -> None:
+    load = engine.get("load")
+    if not isinstance(load, dict):
+        return
+    try:
+        how = "every byte hashed" if load.get("hashed") else "unchanged since verified, not hashed"
+        click.echo(
+            f"weights:   {format_size(int(load['bytes']))} in {float(load['seconds']):.2f} s "
+            f"({float(load['gb_per_s']):.2f} GB/s, --load-format prewarm, {how})"
+        )
+    except (KeyError, TypeError, ValueError):
+        return
+
+
 def _say_daemon_status(socket: Path, status: dict[str, Any]) -> None:
     """The status JSON for people; every string from the socket goes through show()."""
     model = status.get("model") or {}
@@ -758,6 +772,7 @@ def _say_daemon_status(socket: Path, status: dict[str, Any]) -> None:
             f"engine:    pid {engine.get('pid')}, {_plural(int(engine.get('restarts') or 0), 'restart')}, "
             f"up {_seconds(engine.get('uptime_s'))}, {engine.get('in_flight', 0)} in flight"
         )
+        _say_load(engine)
     else:
         click.echo("engine:    none")
     queue = status.get("queue") or {}
