@@ -328,9 +328,8 @@ def test_prewarm_status_shows_the_daemon(daemon: Running) -> None:
     for name in ("reshard", "verify", "warm", "engine_start", "warmup"):
         assert f"\n  {name} " in shown.stdout, (name, shown.stdout)
     assert 'served as "model"' in shown.stdout and "0 restarts" in shown.stdout
-    assert re.search(r"\nweights:   [0-9.]+ [kM]B in [0-9.]+ s \([0-9.]+ GB/s, --load-format prewarm, every byte hashed\)", shown.stdout), (
-        shown.stdout
-    )
+    weights = r"\nweights:   [0-9.]+ [kM]B in [0-9.]+ s \([0-9.]+ GB/s, --load-format prewarm, every byte hashed\)"
+    assert re.search(weights, shown.stdout), shown.stdout
     status = json.loads(run_prewarm("status", "--socket", daemon.socket, "--json", check=True).stdout)
     assert status["state"] == "ready" and [p["name"] for p in status["phases"]][-2:] == ["engine_start", "warmup"]
 
