@@ -167,6 +167,8 @@ class CheckedReader:
     def __init__(self, directory: Path, device: str | torch.device = "cpu", options: LoadOptions | None = None) -> None:
         self.directory = Path(directory)
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # the reader threads' own default is device 0
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.options = options or LoadOptions()
         self._manifest = _manifest_of(self.directory)
         self._shards = _open_shards(root_of(self.directory), self.directory, self._manifest)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from vllm.config import ModelConfig
+from vllm.config import ModelConfig, get_current_vllm_config
 from vllm.config.load import LoadConfig
 from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
@@ -74,7 +74,8 @@ class PrewarmModelLoader(DefaultModelLoader):
     def get_all_weights(self, model_config: ModelConfig, model: nn.Module) -> Generator[tuple[str, torch.Tensor], None, None]:
         if getattr(model, "secondary_weights", ()):
             raise LoadFailed(LoadRefused("this model has secondary weight sources, which the prewarm format does not load"))
-        device = next(model.parameters()).device
+        configured = self.load_config.device or get_current_vllm_config().device_config.device  # a parameter's may be meta
+        device = configured or next(model.parameters()).device
         try:
             reader = CheckedReader(self._directory(model_config), device, self.options)
         except PrewarmError as exc:
