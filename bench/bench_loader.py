@@ -228,7 +228,7 @@ def main() -> int:
     fresh_memory()
     began = time.perf_counter()
     default = LoadOptions()
-    count = default.resolved_threads() * default.buffers
+    count = default.resolved_threads() * default.resolved_buffers()
     pinned = [torch.empty(default.piece_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(count)]
     ceiling["pinned_alloc_s_default_buffers"] = round(time.perf_counter() - began, 4)
     fresh_memory()

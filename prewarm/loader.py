@@ -81,7 +81,7 @@ class LoadCheckFailed(PrewarmError):
 class LoadOptions:
     check: str = "hash"
     threads: int = 0  # 0: one per core, at most 12 (measured on an H200 host: 16 is slower, BENCHMARKS.md)
-    buffers: int = 2  # per reader thread: one is read and hashed while another's copy runs
+    buffers: int = 0  # per reader thread; 0: 2, one read and hashed while another's copy runs
     piece_bytes: int = PIECE_BYTES
 
     def __post_init__(self) -> None:
@@ -111,9 +111,12 @@ class LoadOptions:
     def resolved_threads(self) -> int:
         return self.threads or max(1, min(12, len(os.sched_getaffinity(0))))
 
+    def resolved_buffers(self) -> int:
+        return self.buffers or 2
+
     def host_bytes(self) -> int:
         """The most host memory the reader's buffers take."""
-        return self.resolved_threads() * self.buffers * self.piece_bytes
+        return self.resolved_threads() * self.resolved_buffers() * self.piece_bytes
 
 
 @dataclass
@@ -185,7 +188,7 @@ class CheckedReader:
             hashed=self._hashed,
             check=self.options.check,
             threads=self.options.resolved_threads(),
-            buffers=self.options.buffers,
+            buffers=self.options.resolved_buffers(),
             buffer_bytes=self.options.piece_bytes,
         )
 
@@ -305,7 +308,7 @@ class CheckedReader:
         if ring is None:
             if self._stream is not None:  # this thread's copies go on the consumer's stream, in order before its use
                 torch.cuda.set_stream(self._stream)
-            ring = self._local.ring = _Ring(self.options.buffers, self.options.piece_bytes, self.device)
+            ring = self._local.ring = _Ring(self.options.resolved_buffers(), self.options.piece_bytes, self.device)
             self._rings.append(ring)
         return ring
 
