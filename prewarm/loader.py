@@ -24,6 +24,7 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import xxhash
@@ -80,7 +81,7 @@ class LoadCheckFailed(PrewarmError):
 @dataclass(frozen=True)
 class LoadOptions:
     check: str = "hash"
-    threads: int = 0  # 0: one per core, at most 12 (measured on an H200 host: 16 is slower, BENCHMARKS.md)
+    threads: int = 0  # 0: one per core, at most 8 (H200 host: 12 is faster when the CPUs are idle, far slower when not)
     buffers: int = 0  # per reader thread; 0: 2, one read and hashed while another's copy runs
     piece_bytes: int = PIECE_BYTES
 
@@ -109,7 +110,7 @@ class LoadOptions:
         return cls(**config)  # type: ignore[arg-type]  # each field is checked in __post_init__
 
     def resolved_threads(self) -> int:
-        return self.threads or max(1, min(12, len(os.sched_getaffinity(0))))
+        return self.threads or max(1, min(8, len(os.sched_getaffinity(0))))
 
     def resolved_buffers(self) -> int:
         return self.buffers or 2
@@ -275,9 +276,26 @@ class CheckedReader:
         return copies
 
     def _read(self, chunk: _Chunk, copies: list[tuple[torch.Tensor, int, int]]) -> None:
-        """In a reader thread: the chunk, piece by piece, read, hashed, then copied out."""
-        ring, shard = self._ring(), self._shards[chunk.shard]
+        """In a reader thread: the chunk read, hashed and put into its tensors; raises on a mismatch."""
         hasher = xxhash.xxh3_128() if chunk.expected is not None else None
+        if self.device.type == "cpu":
+            self._read_into_tensors(chunk, copies, hasher)
+        else:
+            self._read_through_buffers(chunk, copies, hasher)
+        if hasher is not None and hasher.hexdigest() != chunk.expected:
+            end = chunk.offset + chunk.length
+            raise LoadCheckFailed(
+                f"bytes {chunk.offset}-{end - 1} (chunk {chunk.index}) do not match the manifest; "
+                "no tensor with bytes there was loaded",
+                str(self.directory / self._shards[chunk.shard].name),
+                hint=_HINT,
+                offset=chunk.offset,
+                length=chunk.length,
+            )
+
+    def _read_through_buffers(self, chunk: _Chunk, copies: list[tuple[torch.Tensor, int, int]], hasher: Any) -> None:
+        """Piece by piece into this thread's pinned buffers, hashed, then copied to the device."""
+        ring, shard = self._ring(), self._shards[chunk.shard]
         done = 0
         while done < chunk.length:
             buffer = ring.next()
@@ -292,16 +310,30 @@ class CheckedReader:
                     target[a - lo : b - lo].copy_(buffer.tensor[a - done : b - done], non_blocking=True)
             buffer.copied(self._stream)
             done += len(piece)
-        if hasher is not None and hasher.hexdigest() != chunk.expected:
-            end = chunk.offset + chunk.length
-            raise LoadCheckFailed(
-                f"bytes {chunk.offset}-{end - 1} (chunk {chunk.index}) do not match the manifest; "
-                "no tensor with bytes there was loaded",
-                str(self.directory / shard.name),
-                hint=_HINT,
-                offset=chunk.offset,
-                length=chunk.length,
-            )
+
+    def _read_into_tensors(self, chunk: _Chunk, copies: list[tuple[torch.Tensor, int, int]], hasher: Any) -> None:
+        """On the CPU, straight into the tensors' own memory and hashed there: no buffer, no copy.
+        The tensors are yielded only after the whole chunk matched, and nothing else writes them."""
+        shard = self._shards[chunk.shard]
+        done = max(0, min(chunk.length, len(shard.head) - chunk.offset))  # header bytes in this chunk
+        if done:
+            header = memoryview(bytearray(done))
+            self._read_exactly(shard, header, chunk.offset)
+            if hasher is not None:
+                hasher.update(header)
+            self._check_head(shard, chunk.offset, header)
+        for target, lo, hi in copies:  # the tensors' bytes follow the header without a gap
+            if lo != done:
+                raise AssertionError(f"chunk {chunk.index} of {shard.name}: a gap at {lo}, expected {done}")
+            view = memoryview((ctypes.c_char * (hi - lo)).from_address(target.data_ptr())).cast("B")
+            for at in range(0, hi - lo, self.options.piece_bytes):
+                piece = view[at : at + self.options.piece_bytes]
+                self._read_exactly(shard, piece, chunk.offset + lo + at)
+                if hasher is not None:
+                    hasher.update(piece)
+            done = hi
+        if done != chunk.length:
+            raise AssertionError(f"chunk {chunk.index} of {shard.name}: {done} of {chunk.length} bytes placed")
 
     def _ring(self) -> _Ring:
         ring: _Ring | None = getattr(self._local, "ring", None)

@@ -434,13 +434,14 @@ def test_stopping_early_ends_the_readers_and_closes_the_files(served: Path) -> N
 # --- 5. bounded memory ---------------------------------------------------------------------------
 
 
-def test_the_reader_makes_no_more_buffers_than_asked(served: Path) -> None:
-    """Each reader thread reuses its own few buffers, however many pieces pass through them."""
+def test_on_the_cpu_reads_go_straight_into_the_tensors_without_buffers(served: Path) -> None:
+    """On the CPU the tensors' own memory is read into and hashed there: no buffer is made,
+    however many pieces pass (the GPU path's buffers are counted in TestCuda)."""
     reader, got = load_all(served, threads=2, buffers=3, piece_bytes=4096)
     assert len(got) == len(reference(served))
     pieces = reader.report.bytes // 4096
     assert pieces > 100 * 2 * 3
-    assert 1 <= reader.report.buffers_made <= 2 * 3
+    assert reader.report.buffers_made == 0
 
 
 @pytest.mark.parametrize("options", [{"buffers": 0}, {"threads": 0}, {"threads": 0, "buffers": 0}])
@@ -452,7 +453,7 @@ def test_zero_means_automatic_and_loads(served: Path, options: dict[str, int]) -
     assert [name for name, _ in got] == [n for s in shards_of(served) for n, _, _ in layout(served / s)]
     for name, tensor in got:
         assert_same_tensor(name, tensor, want[name])
-    assert reader.report.buffers_made >= 1
+    assert reader.report.threads >= 1 and reader.report.buffers == (options.get("buffers") or 2)
 
 
 RSS_SCRIPT = textwrap.dedent(
@@ -717,7 +718,7 @@ def test_the_report_counts_what_was_loaded(served: Path) -> None:
     assert report.files == len(shards)
     assert report.tensors == len(got) == len(reference(served))
     assert (report.hashed, report.check, report.threads) == (True, "hash", 2)
-    assert 1 <= report.buffers_made <= 2 * 4
+    assert report.buffers_made == 0  # the CPU path reads straight into the tensors
     assert report.device == "cpu" and report.directory == str(served)
     assert report.seconds > 0 and report.gb_per_s > 0
     as_dict = report.as_dict()

@@ -28,7 +28,7 @@ from tests.helpers import ROOT
 from tests.test_daemon import START_TIMEOUT, start_daemon, stop, wait_for_state
 
 pytestmark = pytest.mark.slow
-SMALL_READER = {"threads": 1, "buffers": 1, "piece_bytes": 4096}  # far smaller than the model
+SMALL_READER = {"threads": 1, "buffers": 1, "piece_bytes": 4096}  # read and hashed 4 KiB at a time
 PROMPTS = ["Hello", "The capital of France is", "1, 2, 3,"]
 
 
@@ -161,7 +161,7 @@ def test_greedy_completions_and_logprobs_match_the_default_loader(engines: tuple
     assert "load_format=prewarm" in checked.output() and "load_format=safetensors" in reference.output()
 
 
-def test_the_load_is_reported_with_every_byte_hashed_through_buffers_smaller_than_the_model(
+def test_the_load_is_reported_with_every_byte_hashed_in_pieces_far_smaller_than_the_model(
     engines: tuple[Engine, Engine], serving: Path
 ) -> None:
     _, checked = engines
@@ -170,7 +170,7 @@ def test_the_load_is_reported_with_every_byte_hashed_through_buffers_smaller_tha
     assert report["hashed"] is True and report["check"] == "hash"
     assert report["bytes"] == sum(p.stat().st_size for p in shards) > 64 * SMALL_READER["piece_bytes"]
     assert report["files"] == len(shards) and report["tensors"] > 20
-    assert report["buffers_made"] == 1 and report["buffer_bytes"] == SMALL_READER["piece_bytes"]
+    assert report["buffers_made"] == 0 and report["buffer_bytes"] == SMALL_READER["piece_bytes"]  # on the CPU: into the tensors
     assert "prewarm loader:" in checked.output() and "every byte hashed" in checked.output()
 
 
