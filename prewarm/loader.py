@@ -63,6 +63,7 @@ _DTYPES = {
     "F8_E8M0": "float8_e8m0fnu",
 }
 _HINT = "run `prewarm verify DIR` to see every damaged range, then restore the files or reshard again"
+_OPTIONS_HINT = "the settings are described in the README's section on the prewarm load format"
 
 
 @dataclass
@@ -87,15 +88,21 @@ class LoadOptions:
 
     def __post_init__(self) -> None:
         if self.check not in CHECKS:
-            raise LoadRefused(f"check must be one of {', '.join(CHECKS)}, not {self.check!r}", exit_code=ExitCode.USAGE)
+            raise LoadRefused(
+                f"check must be one of {', '.join(CHECKS)}, not {self.check!r}", hint=_OPTIONS_HINT, exit_code=ExitCode.USAGE
+            )
         for name in ("threads", "buffers"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 256:
                 raise LoadRefused(
-                    f"{name} must be a whole number from 0 (automatic) to 256, not {value!r}", exit_code=ExitCode.USAGE
+                    f"{name} must be a whole number from 0 (automatic) to 256, not {value!r}",
+                    hint=_OPTIONS_HINT,
+                    exit_code=ExitCode.USAGE,
                 )
         if not isinstance(self.piece_bytes, int) or not 4096 <= self.piece_bytes <= 1 << 30:
-            raise LoadRefused(f"piece_bytes must be from 4096 to 1 GiB, not {self.piece_bytes!r}", exit_code=ExitCode.USAGE)
+            raise LoadRefused(
+                f"piece_bytes must be from 4096 to 1 GiB, not {self.piece_bytes!r}", hint=_OPTIONS_HINT, exit_code=ExitCode.USAGE
+            )
 
     @classmethod
     def from_config(cls, config: Mapping[str, object]) -> LoadOptions:
@@ -426,7 +433,10 @@ def _typed(raw: torch.Tensor, info: TensorInfo) -> torch.Tensor:
     name = _DTYPES.get(info.dtype)
     dtype = getattr(torch, name, None) if name else None
     if dtype is None:
-        raise LoadRefused(f"tensor {info.name!r} has dtype {info.dtype}, which this torch cannot hold")
+        raise LoadRefused(
+            f"tensor {info.name!r} has dtype {info.dtype}, which this torch cannot hold",
+            hint='use a newer torch in vLLM\'s environment, or load_format = "auto"',
+        )
     return raw.view(dtype).reshape(info.shape)
 
 
@@ -452,7 +462,11 @@ def _open_shards(root: Root, directory: Path, manifest: Manifest) -> list[_Shard
             shards.append(_open_shard(root, directory, name, manifest))
             for info in shards[-1].header.tensors:
                 if info.name in seen:
-                    raise LoadRefused(f"tensor {info.name!r} is in both {seen[info.name]} and {name}", str(directory))
+                    raise LoadRefused(
+                        f"tensor {info.name!r} is in both {seen[info.name]} and {name}",
+                        str(directory),
+                        hint="reshard the checkpoint: a serving directory holds each tensor once",
+                    )
                 seen[info.name] = name
     except BaseException:
         for shard in shards:
@@ -470,7 +484,9 @@ def _open_shard(root: Root, directory: Path, name: str, manifest: Manifest) -> _
     except NotRegular as why:
         raise LoadRefused(f"refused: {why.reason}", str(path), hint=_HINT) from None
     except OSError as exc:
-        raise LoadRefused(f"cannot open: {exc.strerror}", str(path)) from None
+        raise LoadRefused(
+            f"cannot open: {exc.strerror}", str(path), hint="check the file's permissions for the engine's user"
+        ) from None
     try:
         st = os.fstat(fd)
         if st.st_size != manifest.files[name].size:
