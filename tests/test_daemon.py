@@ -334,6 +334,108 @@ def test_prewarm_status_shows_the_daemon(daemon: Running) -> None:
     assert status["state"] == "ready" and [p["name"] for p in status["phases"]][-2:] == ["engine_start", "warmup"]
 
 
+@dataclass
+class BareEngine:
+    proc: subprocess.Popen[str]
+    socket: Path
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def engine_like_the_daemons(status: dict[str, Any], workdir: Path, name: str, **replace: str) -> BareEngine:
+    """vLLM started exactly as the daemon started its engine (same options, same CPU binding),
+    on its own socket, with the options in ``replace`` ({"--load-format": ..., "--model": ...})."""
+    cmd = [a for a in json.loads(status["engine"]["command"]) if a != "--"]
+    short = Path(tempfile.mkdtemp(prefix="pw-", dir="/tmp"))  # sun_path holds 107 bytes
+    for flag, value in {**replace, "--uds": str(short / "e.sock")}.items():
+        cmd[cmd.index(flag) + 1] = value
+    environ = Path(f"/proc/{status['engine']['pid']}/environ").read_bytes().split(b"\0")
+    theirs = dict(item.decode().split("=", 1) for item in environ if item.startswith(b"VLLM_CPU_"))
+    log = workdir / f"{name}.log"
+    with open(log, "w") as out:
+        env = {**os.environ, **theirs, "PYTHONPATH": str(ROOT)}
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    return BareEngine(proc, short / "e.sock", log)
+
+
+def end_engine(engine: BareEngine) -> None:
+    if engine.proc.poll() is None:
+        os.killpg(engine.proc.pid, signal.SIGKILL)
+        engine.proc.wait()
+    shutil.rmtree(engine.socket.parent, ignore_errors=True)
+
+
+def flip_a_byte(serving: Path, copy: Path, chunk: int) -> tuple[Path, int]:
+    """A copy of ``serving`` whose manifest has ``chunk``-byte chunks and whose first shard then
+    has one byte flipped in its middle; returns the shard and the byte's offset."""
+    from prewarm.confine import root_of
+    from prewarm.manifest import digest_file, read_manifest, write_manifest
+
+    shutil.copytree(serving, copy)
+    manifest = read_manifest(copy)
+    files = {name: digest_file(root_of(copy), name, chunk) for name in manifest.files}
+    write_manifest(copy, type(manifest)(files, chunk, manifest.source, manifest.options))
+    shard = sorted(copy.glob("*.safetensors"))[0]
+    at = shard.stat().st_size // 2
+    with open(shard, "r+b") as f:
+        os.pwrite(f.fileno(), bytes([os.pread(f.fileno(), 1, at)[0] ^ 0x01]), at)
+    return shard, at
+
+
+def test_the_prewarm_load_format_answers_as_vllms_own_loader_and_stops_at_a_bad_byte(daemon: Running, tmp_path: Path) -> None:
+    """The daemon's engine loaded with --load-format prewarm. vLLM's own safetensors loader, started
+    the same way on the same weights, gives identical greedy completions and logprobs; with a
+    flipped byte, or without a manifest, the prewarm format stops the engine before it serves."""
+    status = daemon.status()
+    serving = Path(status["model"]["serving_dir"])
+    chunk = 64 * 1024
+    shard, at = flip_a_byte(serving, tmp_path / "flipped", chunk)
+    unchecked = Path(shutil.copytree(serving, tmp_path / "unchecked"))
+    (unchecked / "prewarm.manifest.json").unlink()
+    reference = engine_like_the_daemons(status, tmp_path, "reference", **{"--load-format": "safetensors"})
+    flipped = engine_like_the_daemons(status, tmp_path, "flipped", **{"--model": str(shard.parent)})
+    missing = engine_like_the_daemons(status, tmp_path, "missing", **{"--model": str(unchecked)})
+    try:
+        for failing in (flipped, missing):
+            assert failing.proc.wait(START_TIMEOUT) != 0, failing.output()[-3000:]
+            assert "prewarm loader:" not in failing.output() and "Application startup complete" not in failing.output()
+        first = at // chunk * chunk
+        assert f"{shard}: bytes {first}-{first + chunk - 1} (chunk {at // chunk}) do not match the manifest" in flipped.output()
+        assert "no prewarm.manifest.json here" in missing.output() and "prewarm manifest" in missing.output()
+        deadline = time.monotonic() + START_TIMEOUT
+        while "Application startup complete" not in reference.output():
+            assert reference.proc.poll() is None and time.monotonic() < deadline, reference.output()[-3000:]
+            time.sleep(0.5)
+        for prompt in ("Zebra quantum", "Seventeen lanterns", "q r s t"):  # short and new: no cached prefix
+            body = {"model": "model", "prompt": prompt, "max_tokens": 8, "temperature": 0, "logprobs": 5, "ignore_eos": True}
+            answers = []
+            for sock in (daemon.socket, reference.socket):
+                with client(sock) as c:
+                    response = c.post("/v1/completions", json=body)
+                assert response.status_code == 200, response.text
+                choice = response.json()["choices"][0]
+                answers.append((choice["text"], choice["logprobs"]))
+            assert answers[0] == answers[1], prompt
+    finally:
+        for engine in (reference, flipped, missing):
+            end_engine(engine)
+
+
+def test_an_engine_python_without_prewarm_is_a_clear_failure(tiny_model: Path, tmp_path: Path) -> None:
+    """The stub engine's Python has no prewarm plugin: the daemon says so instead of starting it."""
+    stub = ROOT / "tests" / "stub_engine.py"
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    running = start_daemon(tiny_model, tmp_path, env_extra={"PREWARM_ENGINE_PYTHON": str(stub), "PATH": path})
+    try:
+        reason = wait_for_state(running, "failed", 120)["failure"]["reason"]
+        assert f"the engine's Python {stub} does not have prewarm installed" in reason, reason
+        assert 'load_format = "auto"' in reason
+    finally:
+        stop(running)
+
+
 def test_prewarm_ask_as_a_user_the_daemon_refuses(daemon: Running) -> None:
     """The socket is 0666 here, so the daemon's own check answers 403; the client says who may."""
     proc = as_nobody(sys.executable, "-m", "prewarm", "ask", "--socket", str(daemon.socket), "Hello")
