@@ -367,7 +367,9 @@ class Daemon:
             load_options=self.settings.load_options(),
             load_report=self.runtime_dir / f"engine-{Engine.counter + 1}.load.json",
         )
-        if not await self._loader_available(spec, beside):
+        missing = await self._missing_loader(spec)
+        if missing:
+            await self._start_failed(missing, [], beside)
             return None
         engine = Engine(spec, self.env)
         started = time.monotonic()
@@ -383,32 +385,29 @@ class Daemon:
             self.phases.append({"name": "warmup", "seconds": round(time.monotonic() - warm_started, 3)})
         except EngineFailed as exc:
             await engine.stop()
-            if beside is not None:
-                log.error("reload failed, the old engine keeps serving: %s", exc.message)
-                reason = f"the last reload failed: {exc.message}"
-                self.failure = {"reason": reason, "last_lines": list(exc.lines)[-20:], "at": time.time()}
-                return None
-            self.engine = engine
-            await self._fail(exc.message, list(exc.lines))
+            if beside is None:
+                self.engine = engine
+            await self._start_failed(exc.message, list(exc.lines), beside)
             return None
         return engine
 
-    async def _loader_available(self, spec: EngineSpec, beside: Engine | None) -> bool:
-        """Another Python for vLLM (engine_python) may lack prewarm, and so the prewarm format."""
-        if spec.python == sys.executable or not any(a == "prewarm" for a in spec.load_args()):
-            return True
-        if await has_prewarm_loader(spec.python):
-            return True
-        reason = (
+    async def _start_failed(self, reason: str, lines: list[str], beside: Engine | None) -> None:
+        """A new engine that cannot start: beside a serving one (a reload) that one keeps serving;
+        otherwise the state becomes failed."""
+        if beside is None:
+            await self._fail(reason, lines)
+            return
+        log.error("reload failed, the old engine keeps serving: %s", reason)
+        self.failure = {"reason": f"the last reload failed: {reason}", "last_lines": lines[-20:], "at": time.time()}
+
+    async def _missing_loader(self, spec: EngineSpec) -> str | None:
+        """Why vLLM cannot have --load-format prewarm: another Python (engine_python) may lack prewarm."""
+        if spec.python == sys.executable or "prewarm" not in spec.load_args() or await has_prewarm_loader(spec.python):
+            return None
+        return (
             f"the engine's Python {spec.python} does not have prewarm installed, so vLLM there has no --load-format prewarm; "
             f'install prewarm into that environment, or set load_format = "auto"'
         )
-        if beside is not None:
-            self.failure = {"reason": f"the last reload failed: {reason}", "last_lines": [], "at": time.time()}
-            log.error("reload failed, the old engine keeps serving: %s", reason)
-        else:
-            await self._fail(reason, [])
-        return False
 
     async def _unless_stopped(self, work: Any) -> bool:
         """Run ``work`` unless a stop comes first (then cancel it): True if it completed."""
