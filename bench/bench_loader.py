@@ -39,7 +39,7 @@ import xxhash
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from prewarm.loader import CheckedReader, LoadOptions
+from prewarm.loader import CheckedReader, LoadOptions, host_view
 from prewarm.manifest import build_manifest, write_manifest
 from prewarm.synthetic import write_qwen25_7b_like
 from prewarm.verify import record_verification, verify_directory
@@ -123,9 +123,7 @@ def read_ceiling(directory: Path, threads: int, hash_it: bool, chunk: int = 16 *
     """GB/s of reading the page cache into pinned buffers (and hashing), no copy to the GPU."""
     files = shards(directory)
     buffers = [torch.empty(chunk, dtype=torch.uint8, pin_memory=True) for _ in range(threads)]
-    import ctypes
-
-    views = [memoryview((ctypes.c_char * chunk).from_address(b.data_ptr())).cast("B") for b in buffers]
+    views = [host_view(b) for b in buffers]
     jobs = [(path, offset) for path in files for offset in range(0, path.stat().st_size, chunk)]
     fds = {path: os.open(path, os.O_RDONLY) for path in files}
 

@@ -332,7 +332,7 @@ class CheckedReader:
         for target, lo, hi in copies:  # the tensors' bytes follow the header without a gap
             if lo != done:
                 raise AssertionError(f"chunk {chunk.index} of {shard.name}: a gap at {lo}, expected {done}")
-            view = memoryview((ctypes.c_char * (hi - lo)).from_address(target.data_ptr())).cast("B")
+            view = host_view(target)
             for at in range(0, hi - lo, self.options.piece_bytes):
                 piece = view[at : at + self.options.piece_bytes]
                 self._read_exactly(shard, piece, chunk.offset + lo + at)
@@ -395,7 +395,7 @@ class _Buffer:
     def __init__(self, size: int, device: torch.device) -> None:
         self.size = size
         self.tensor = torch.empty(size, dtype=torch.uint8, pin_memory=device.type == "cuda")
-        self.view = memoryview((ctypes.c_char * size).from_address(self.tensor.data_ptr())).cast("B")
+        self.view = host_view(self.tensor)
         self.event = torch.cuda.Event() if device.type == "cuda" else None  # type: ignore[no-untyped-call]
         self.pending = False
 
@@ -427,6 +427,11 @@ class _Ring:
         self.turn += 1
         buffer.wait_copied()
         return buffer
+
+
+def host_view(tensor: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous uint8 tensor in host memory, for preadv and xxhash."""
+    return memoryview((ctypes.c_char * tensor.numel()).from_address(tensor.data_ptr())).cast("B")
 
 
 def _typed(raw: torch.Tensor, info: TensorInfo) -> torch.Tensor:
